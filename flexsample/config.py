@@ -1,0 +1,131 @@
+"""`SampleConfig`: the knobs of SampleAttention, their defaults, and their validation.
+
+The derived layouts (window width, sampled rows) live here too, because they are the exact
+meaning of the fields and every path (reference, PyTorch scores, Triton kernel) must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+
+_BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+_SCORE_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Configuration of SampleAttention (DESIGN §1).
+
+    alpha: CRA threshold; the kept share of sampled attention mass, in (0, 1]. Paper default.
+    window_ratio: local window as a fraction of the sequence length, in [0, 1]. Paper: 8%.
+    sample_ratio: share of query rows sampled in stage 1, in (0, 1].
+    min_sample_rows: lower bound on the number of sampled rows (short sequences).
+    sample_block: rows per contiguous sampled tile; 1 gives evenly strided rows.
+    q_block, kv_block: block sizes of the mask (FlexAttention's BLOCK_SIZE).
+    min_seq_len: sequences shorter than this run dense SDPA (sparsity does not pay there).
+    max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
+        fixed-density benchmarks; None means no cap.
+    score_backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton"; the
+        environment variable FLEXSAMPLE_SCORES overrides "auto" for debugging.
+    """
+
+    alpha: float = 0.95
+    window_ratio: float = 0.08
+    sample_ratio: float = 0.02
+    min_sample_rows: int = 64
+    sample_block: int = 16
+    q_block: int = 128
+    kv_block: int = 128
+    min_seq_len: int = 8192
+    max_stripe_ratio: float | None = None
+    score_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
+        _check_range("window_ratio", self.window_ratio, 0.0, 1.0)
+        _check_range("sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
+        _check_int("min_sample_rows", self.min_sample_rows, 1)
+        _check_int("sample_block", self.sample_block, 1)
+        if self.sample_block > 128:
+            raise ValueError(f"sample_block={self.sample_block} is out of range: allowed 1..128")
+        for name in ("q_block", "kv_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in _BLOCK_SIZES:
+                raise ValueError(f"{name}={value!r} is not allowed: use one of {_BLOCK_SIZES}")
+        _check_int("min_seq_len", self.min_seq_len, 0)
+        if self.max_stripe_ratio is not None:
+            _check_range("max_stripe_ratio", self.max_stripe_ratio, 0.0, 1.0)
+        if self.score_backend not in _SCORE_BACKENDS:
+            raise ValueError(
+                f"score_backend={self.score_backend!r} is not allowed: use one of {_SCORE_BACKENDS}"
+            )
+
+    def window_tokens(self, seq_len: int) -> int:
+        """Width `w` of the local window in tokens: ceil(window_ratio * S)."""
+        return math.ceil(self.window_ratio * seq_len)
+
+    def num_tiles(self, seq_len: int) -> int:
+        """Number of sampled tiles: the requested row count rounded up to whole tiles."""
+        n = min(max(math.ceil(self.sample_ratio * seq_len), self.min_sample_rows), seq_len)
+        return math.ceil(n / self.sample_block)
+
+    def sampled_rows(self, seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Sampled query rows as a padded tile table `[num_tiles, sample_block]` (int32, -1 pads).
+
+        Tile `t` is the tail of the `t`-th of `num_tiles` equal segments of `[0, S)`, clipped to
+        its segment, so the last tile ends at row S-1 and tiles never overlap.
+        """
+        tiles = self.num_tiles(seq_len)
+        t = torch.arange(tiles, device=device, dtype=torch.int64)
+        end = ((t + 1) * seq_len) // tiles
+        start = torch.maximum(end - self.sample_block, (t * seq_len) // tiles)
+        rows = end[:, None] - self.sample_block + torch.arange(self.sample_block, device=device)
+        return torch.where(rows >= start[:, None], rows, -1).to(torch.int32)
+
+    def window_blocks(
+        self, seq_len: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last KV block of each query block's window, `[nQ]` each (int64).
+
+        Query block `qb` keeps every KV block meeting `[first_row(qb) - w, last_row(qb)]`.
+        """
+        first_row = torch.arange(math.ceil(seq_len / self.q_block), device=device) * self.q_block
+        # Divide, then clamp (equal to clamp-then-divide): inductor on CPU (torch 2.13) fails
+        # to compile a floor division of a clamped arange.
+        lo = torch.div(
+            first_row - self.window_tokens(seq_len), self.kv_block, rounding_mode="floor"
+        )
+        hi = (first_row + self.q_block - 1) // self.kv_block
+        return lo.clamp(min=0), hi.clamp(max=(seq_len - 1) // self.kv_block)
+
+    def resolved_score_backend(self, device: torch.device) -> str:
+        """ "torch" or "triton" for inputs on `device`, after "auto" and FLEXSAMPLE_SCORES."""
+        choice = self.score_backend
+        if choice == "auto":
+            choice = os.environ.get("FLEXSAMPLE_SCORES", "auto")
+            if choice not in _SCORE_BACKENDS:
+                raise ValueError(
+                    f"FLEXSAMPLE_SCORES={choice!r} is not allowed: use one of {_SCORE_BACKENDS}"
+                )
+        if choice == "auto":
+            choice = "triton" if device.type == "cuda" else "torch"
+        return choice
+
+
+def _check_range(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}={value!r} is out of range: allowed {bracket}{low}, {high}]")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is out of range: allowed an integer >= {low}")

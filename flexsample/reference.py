@@ -1,0 +1,156 @@
+"""Pure-PyTorch oracle of SampleAttention (DESIGN §1, steps 1-5): the spec, not the fast path.
+
+Everything here favours clarity: it materialises `[n, S]` and `[S, S]` tensors and loops over
+heads, so use it only at test sizes. Every fast path is tested against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flexsample.config import SampleConfig
+
+
+def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    return x.repeat_interleave(num_q_heads // x.shape[1], dim=1)
+
+
+def reference_block_scores(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 on the sampled rows, exactly.
+
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), in
+    float32, both divided by the number of sampled rows, so `covered + scores.sum(-1) == 1`.
+    """
+    seq_len = q.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = config.sampled_rows(seq_len, q.device).flatten()
+    rows = rows[rows >= 0].long()
+    k = _expand_kv(k, q.shape[1]).double()
+    logits = torch.einsum("bhnd,bhsd->bhns", q[:, :, rows].double(), k) * scale
+    keys = torch.arange(seq_len, device=q.device)
+    logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
+    probs = logits.softmax(-1)  # [B, H, n, S]
+
+    lo, hi = config.window_blocks(seq_len, q.device)
+    key_block = keys // config.kv_block
+    row_block = rows // config.q_block
+    in_window = (key_block[None, :] >= lo[row_block][:, None]) & (
+        key_block[None, :] <= hi[row_block][:, None]
+    )  # [n, S]
+    covered = (probs * in_window).sum((-1, -2)) / len(rows)
+    outside = probs * ~in_window
+    num_kv_blocks = math.ceil(seq_len / config.kv_block)
+    scores = torch.zeros(*probs.shape[:2], num_kv_blocks, dtype=torch.float64, device=q.device)
+    scores.index_add_(2, key_block, outside.sum(2))
+    return (scores / len(rows)).float(), covered.float()
+
+
+def reference_select(
+    scores: torch.Tensor, covered: torch.Tensor, config: SampleConfig
+) -> torch.Tensor:
+    """Stage 2, one head at a time: the stripe blocks `[B, H, nKV]` (bool).
+
+    Keeps the highest-scoring blocks (ties: lower index first) until `covered + kept >= alpha`;
+    alpha = 1 keeps every block. `max_stripe_ratio` caps the count at floor(ratio * nKV).
+    """
+    batch, heads, num_blocks = scores.shape
+    cap = (
+        num_blocks if config.max_stripe_ratio is None else int(config.max_stripe_ratio * num_blocks)
+    )
+    stripes = torch.zeros_like(scores, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            order = sorted(range(num_blocks), key=lambda j: (-scores[b, h, j].item(), j))
+            kept = covered[b, h].item()
+            for rank, j in enumerate(order):
+                if rank >= cap or (config.alpha < 1.0 and kept >= config.alpha):
+                    break
+                stripes[b, h, j] = True
+                kept += scores[b, h, j].item()
+    return stripes
+
+
+def reference_block_keep(stripes: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
+    """Kept blocks `[B, H, nQ, nKV]`: window blocks ∪ stripes, each within the causal limit."""
+    lo, hi = config.window_blocks(seq_len, stripes.device)
+    batch, heads, num_kv = stripes.shape
+    keep = torch.zeros(batch, heads, len(lo), num_kv, dtype=torch.bool, device=stripes.device)
+    for qb in range(len(lo)):
+        keep[:, :, qb, lo[qb] : hi[qb] + 1] = True
+        keep[:, :, qb, : hi[qb] + 1] |= stripes[:, :, : hi[qb] + 1]
+    return keep
+
+
+def reference_token_mask(keep: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
+    """Token-level mask `[B, H, S, S]` of a block mask, with the causal rule applied."""
+    idx = torch.arange(seq_len, device=keep.device)
+    tokens = keep[:, :, idx // config.q_block][:, :, :, idx // config.kv_block]
+    return tokens & (idx[None, :] <= idx[:, None])
+
+
+def reference_mask(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
+) -> torch.Tensor:
+    """Steps 1-4: the token-level SampleAttention mask `[B, Hq, S, S]`."""
+    scores, covered = reference_block_scores(q, k, config, scale)
+    keep = reference_block_keep(reference_select(scores, covered, config), q.shape[2], config)
+    return reference_token_mask(keep, q.shape[2], config)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention under a token mask `[B, Hq, S, S]`, in float64; returns q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = _expand_kv(k, q.shape[1]).double(), _expand_kv(v, q.shape[1]).double()
+    logits = torch.einsum("bhid,bhjd->bhij", q.double(), k) * scale
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhij,bhjd->bhid", probs, v).to(q.dtype)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SampleConfig,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Step 5: SampleAttention output `[B, Hq, S, Dv]` under the reference mask."""
+    return masked_attention(q, k, v, reference_mask(q, k, config, scale), scale)
+
+
+def true_cra(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    keep: torch.Tensor,
+    config: SampleConfig,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Share of each row's full causal attention mass inside the kept blocks: `[B, Hq, S]`.
+
+    keep `[B, Hq, nQ, nKV]` is a block keep matrix (e.g. `mask.kept_blocks(block_mask)`).
+    Rows are processed in chunks, so memory is O(chunk * S), never S×S. The paper's CRA is the
+    minimum of this over rows; report min, low percentiles and mean.
+    """
+    batch, heads, seq_len, _ = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = _expand_kv(k, heads).float()
+    keys = torch.arange(seq_len, device=q.device)
+    key_block = keys // config.kv_block
+    chunk = max(1, (1 << 24) // (batch * heads * seq_len))
+    out = torch.empty(batch, heads, seq_len, device=q.device)
+    for start in range(0, seq_len, chunk):
+        rows = keys[start : start + chunk]
+        logits = q[:, :, rows].float() @ k.transpose(-1, -2) * scale
+        probs = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf")).softmax(-1)
+        kept = keep[:, :, rows // config.q_block][..., key_block]
+        out[:, :, rows] = (probs * kept).sum(-1)
+    return out

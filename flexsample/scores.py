@@ -1,0 +1,86 @@
+"""Stage 1 block scores: the chunked PyTorch path, and the choice between it and the kernel.
+
+Both paths return what `reference.reference_block_scores` defines. The PyTorch path runs two
+passes over keys in chunks (row log-sum-exp, then normalised block sums), so memory stays
+O(B·Hq·n·chunk + B·Hq·nKV) and never S×S.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flexsample.config import SampleConfig
+
+# Elements of one [B, Hq, n, chunk] logits tile: 16M fp32 = 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def block_scores(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scores `[B, Hq, nKV]` and covered window mass `[B, Hq]` (float32) of the sampled rows.
+
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` with Hq a multiple of Hkv (no copy of k for GQA).
+    """
+    if config.resolved_score_backend(q.device) == "triton":
+        from flexsample.kernels.sampling import triton_block_scores
+
+        return triton_block_scores(q, k, config, scale)
+    return torch_block_scores(q, k, config, scale)
+
+
+def torch_block_scores(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path of `block_scores`, chunked over keys."""
+    batch, heads, seq_len, dim = q.shape
+    kv_heads, group = k.shape[1], heads // k.shape[1]
+    rows = config.sampled_rows(seq_len, q.device).flatten()
+    rows = rows[rows >= 0].long()
+    n = rows.numel()
+    # Group query heads by their KV head: [B, Hkv, group * n, D] against k's [B, Hkv, chunk, D].
+    qs = q[:, :, rows].float().reshape(batch, kv_heads, group * n, dim) * scale
+    row_of = rows.repeat(group)  # sampled row of each grouped query
+
+    kvb = config.kv_block
+    num_kv_blocks = math.ceil(seq_len / kvb)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * n * kvb)) * kvb
+
+    def chunk_logits(start: int) -> torch.Tensor:
+        keys = torch.arange(start, min(start + chunk, seq_len), device=q.device)
+        logits = qs @ k[:, :, start : start + chunk].float().transpose(-1, -2)
+        return logits.masked_fill(keys[None, :] > row_of[:, None], float("-inf"))
+
+    row_max = torch.full((batch, kv_heads, group * n), float("-inf"), device=q.device)
+    row_sum = torch.zeros_like(row_max)
+    for start in range(0, seq_len, chunk):
+        logits = chunk_logits(start)
+        new_max = torch.maximum(row_max, logits.amax(-1))
+        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(
+            logits - new_max[..., None]
+        ).sum(-1)
+        row_max = new_max
+    lse = row_max + torch.log(row_sum)
+
+    lo, hi = config.window_blocks(seq_len, q.device)
+    row_block = row_of // config.q_block
+    row_lo, row_hi = lo[row_block], hi[row_block]
+    covered = torch.zeros_like(row_max)
+    scores = torch.zeros(batch, kv_heads, group, num_kv_blocks, device=q.device)
+    for start in range(0, seq_len, chunk):
+        logits = chunk_logits(start)
+        probs = torch.exp(logits - lse[..., None])
+        pad = (-probs.shape[-1]) % kvb
+        blocks = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (-1, kvb)).sum(-1)
+        block_idx = torch.arange(start // kvb, start // kvb + blocks.shape[-1], device=q.device)
+        in_window = (block_idx[None, :] >= row_lo[:, None]) & (
+            block_idx[None, :] <= row_hi[:, None]
+        )
+        covered += (blocks * in_window).sum(-1)
+        outside = (blocks * ~in_window).unflatten(2, (group, n)).sum(3)
+        scores[..., block_idx] += outside
+    scores = scores.reshape(batch, heads, num_kv_blocks) / n
+    covered = covered.unflatten(2, (group, n)).sum(3).reshape(batch, heads) / n
+    return scores, covered

@@ -1,0 +1,55 @@
+"""nox sessions: tests (CPU suite), props (hypothesis, many examples), lint, gpu, bench, bench-cpu.
+
+Every session installs torch==2.13.0 first (a CPU build here; a GPU machine already has its
+own torch, which `--no-deps`-free installs keep as long as it satisfies torch>=2.11).
+"""
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+TORCH = "torch==2.13.0"
+
+
+def _install(session: nox.Session, extras: str = "test") -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The CPU test suite (GPU tests skip without CUDA)."""
+    _install(session, "test,hf")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def props(session: nox.Session) -> None:
+    """Property-based tests with many more examples; Triton kernels in the interpreter."""
+    _install(session)
+    session.env.update({"HYPOTHESIS_PROFILE": "props", "TRITON_INTERPRET": "1"})
+    session.run("pytest", "-q", "-k", "not slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "flexsample", "tests", "bench", "noxfile.py")
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU-marked tests with the machine's own torch (run on a CUDA machine)."""
+    session.run("python", "-m", "pytest", "-q", "-m", "gpu", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """GPU benchmarks; each writes bench/results/<name>.md."""
+    session.run("python", "-m", "bench.mask_build", *session.posargs)
+
+
+@nox.session(name="bench-cpu")
+def bench_cpu(session: nox.Session) -> None:
+    """CPU-sized runs of the benchmark scripts (small S), to keep them working."""
+    _install(session, "test,hf")
+    session.run("python", "-m", "bench.mask_build", "--cpu-smoke", *session.posargs)

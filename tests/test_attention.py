@@ -1,0 +1,195 @@
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+import flexsample
+from flexsample import SampleConfig, sample_attention, sample_block_mask
+from flexsample.mask import kept_blocks
+from flexsample.reference import masked_attention, reference_block_scores, reference_mask
+
+from strategies import configs, qkv, well_separated
+from tolerance import OUTPUT_TOL
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True
+    ).to(q.dtype)
+
+
+def _assert_close(out, expected):
+    atol, rtol = OUTPUT_TOL[out.dtype]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+
+
+@given(qkv(), configs(alpha=1.0))
+def test_alpha_one_equals_sdpa(inputs, config):
+    q, k, v = inputs
+    _assert_close(sample_attention(q, k, v, config, enable_gqa=True), _sdpa(q, k, v))
+
+
+@given(qkv(), configs(window_ratio=1.0))
+def test_full_window_equals_sdpa(inputs, config):
+    q, k, v = inputs
+    _assert_close(sample_attention(q, k, v, config, enable_gqa=True), _sdpa(q, k, v))
+
+
+@given(qkv(), configs())
+def test_sparse_path_is_exact_for_its_mask(inputs, config):
+    q, k, v = inputs
+    keep = kept_blocks(sample_block_mask(q, k, config))
+    idx = torch.arange(q.shape[2])
+    mask = keep[:, :, idx // config.q_block][..., idx // config.kv_block]
+    mask &= idx[None, :] <= idx[:, None]
+    scores, covered = reference_block_scores(q, k, config)
+    if q.dtype == torch.float32 and well_separated(scores, covered, config.alpha, 1e-5):
+        assert torch.equal(mask, reference_mask(q, k, config))
+    _assert_close(
+        sample_attention(q, k, v, config, enable_gqa=True), masked_attention(q, k, v, mask)
+    )
+
+
+def test_custom_scale_is_used():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 16) for _ in range(3))
+    config = SampleConfig(alpha=1.0, min_seq_len=0, q_block=16, kv_block=16)
+    out = sample_attention(q, k, v, config, scale=0.7)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.7)
+    _assert_close(out, expected)
+
+
+def test_block_mask_has_query_heads():
+    q, k = torch.randn(2, 6, 100, 16), torch.randn(2, 2, 100, 16)
+    config = SampleConfig(min_seq_len=0, q_block=32, kv_block=32)
+    block_mask = sample_block_mask(q, k, config)
+    assert block_mask.kv_num_blocks.shape == (2, 6, 4)
+    assert block_mask.seq_lengths == (100, 100)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grads_equal_sdpa(device):
+    """On CUDA the sparse path is differentiable; on CPU (no flex backward) it runs dense."""
+    torch.manual_seed(0)
+    flexsample.path_counts.clear()
+    q, k, v = (torch.randn(1, 2, 64, 16, device=device, requires_grad=True) for _ in range(3))
+    config = SampleConfig(alpha=1.0, min_seq_len=0, q_block=16, kv_block=16)
+    sample_attention(q, k, v, config).sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    for got, x in zip(grads, (q, k, v), strict=True):
+        torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+    assert flexsample.path_counts == {"sparse" if device == "cuda" else "dense:backward:cpu": 1}
+
+
+# --- dense fallbacks (DESIGN §3) -------------------------------------------------------------
+
+
+@pytest.fixture
+def counts():
+    flexsample.path_counts.clear()
+    return flexsample.path_counts
+
+
+def test_short_sequence_runs_dense(counts, caplog):
+    q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))
+    with caplog.at_level(logging.DEBUG, logger="flexsample"):
+        out = sample_attention(q, k, v, SampleConfig(min_seq_len=64))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert counts == {"dense:short": 1}
+    assert "dense attention (short)" in caplog.text
+
+
+def test_default_min_seq_len_is_dense_below_it(counts):
+    q, k, v = (torch.randn(1, 1, 300, 16) for _ in range(3))
+    sample_attention(q, k, v)
+    assert counts == {"dense:short": 1}
+
+
+@pytest.mark.parametrize("q_len", [1, 7])
+def test_query_shorter_than_keys_runs_dense_bottom_right_causal(counts, q_len):
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, q_len, 16)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    out = sample_attention(q, k, v, SampleConfig(min_seq_len=0), enable_gqa=True)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    logits = q @ kk.transpose(-1, -2) / 4.0
+    rows = torch.arange(40 - q_len, 40)[:, None]
+    logits = logits.masked_fill(torch.arange(40)[None, :] > rows, float("-inf"))
+    torch.testing.assert_close(out, logits.softmax(-1) @ vv, atol=1e-5, rtol=1e-5)
+    assert counts == {"dense:q_len!=kv_len": 1}
+
+
+def test_float64_runs_dense(counts):
+    q, k, v = (torch.randn(1, 2, 50, 16, dtype=torch.float64) for _ in range(3))
+    out = sample_attention(q, k, v, SampleConfig(min_seq_len=0))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert counts == {"dense:dtype:float64": 1}
+
+
+def test_device_without_kernel_runs_dense(counts):
+    q, k, v = (torch.empty(1, 2, 50, 16, device="meta") for _ in range(3))
+    out = sample_attention(q, k, v, SampleConfig(min_seq_len=0))
+    assert out.shape == (1, 2, 50, 16) and out.device.type == "meta"
+    assert counts == {"dense:device:meta": 1}
+
+
+def test_sparse_path_is_counted(counts):
+    q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))
+    sample_attention(q, k, v, SampleConfig(min_seq_len=0, q_block=16, kv_block=16))
+    assert counts == {"sparse": 1}
+
+
+# --- invalid input (DESIGN §3) ---------------------------------------------------------------
+
+_X = torch.randn(1, 2, 8, 16)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, message",
+    [
+        ((_X.numpy(), _X, _X), {}, TypeError, "q must be a torch.Tensor"),
+        ((_X, _X.int(), _X), {}, TypeError, "k must be a floating-point tensor"),
+        ((_X, _X, _X.half()), {}, TypeError, "share one dtype"),
+        ((_X[0], _X, _X), {}, ValueError, r"q must be 4-D \[B, H, S, D\], got shape \(2, 8, 16\)"),
+        ((_X, torch.randn(2, 2, 8, 16), _X), {}, ValueError, "batch sizes differ"),
+        (
+            (_X, torch.randn(1, 2, 8, 32), _X),
+            {},
+            ValueError,
+            "head dims differ: q has 16, k has 32",
+        ),
+        ((_X, _X, torch.randn(1, 2, 9, 16)), {}, ValueError, "v must match k"),
+        (
+            (torch.randn(1, 3, 8, 16), _X, _X),
+            {"enable_gqa": True},
+            ValueError,
+            "query heads 3 must be a multiple of key/value heads 2",
+        ),
+        ((torch.randn(1, 4, 8, 16), _X, _X), {}, ValueError, "pass enable_gqa=True"),
+        ((torch.randn(1, 2, 9, 16), _X, _X), {}, ValueError, "query length 9 exceeds key length 8"),
+        (
+            (_X[:, :, :0], _X[:, :, :0], _X[:, :, :0]),
+            {},
+            ValueError,
+            "sequence lengths must be >= 1",
+        ),
+        ((torch.randn(1, 2, 8, 300),) * 3, {}, ValueError, "head dim 300 is not supported"),
+        ((_X, _X, _X), {"scale": float("nan")}, ValueError, "scale must be a finite float"),
+    ],
+)
+def test_invalid_input_raises_clear_error(args, kwargs, error, message):
+    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16)
+    with pytest.raises(error, match=message):
+        sample_attention(*args, config, **kwargs)
+
+
+def test_block_mask_rejects_non_prefill_and_float64():
+    with pytest.raises(ValueError, match="equal lengths"):
+        sample_block_mask(torch.randn(1, 2, 4, 16), _X)
+    with pytest.raises(TypeError, match="no sparse kernel"):
+        sample_block_mask(_X.double(), _X.double())

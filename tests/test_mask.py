@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_mask
+
+from flexsample import SampleConfig
+from flexsample.mask import (
+    block_keep,
+    build_block_mask,
+    density,
+    kept_blocks,
+    select_stripes,
+)
+from flexsample.reference import (
+    reference_block_keep,
+    reference_block_scores,
+    reference_select,
+    reference_token_mask,
+)
+
+from strategies import configs, qkv
+
+
+@st.composite
+def random_scores(draw):
+    """Scores [B, H, nKV] and covered [B, H] that sum to one, with exact ties sometimes."""
+    batch, heads, blocks = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 40)),
+    )
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    raw = torch.rand(batch, heads, blocks + 1, generator=gen) ** draw(st.sampled_from([1, 4, 12]))
+    if draw(st.booleans()):
+        raw = (raw * 4).round() + 0.5  # ties
+    raw = raw / raw.sum(-1, keepdim=True)
+    return raw[..., 1:].contiguous(), raw[..., 0].contiguous()
+
+
+@given(random_scores(), configs())
+def test_selection_matches_reference(scores_covered, config):
+    scores, covered = scores_covered
+    expected = reference_select(scores, covered, config)
+    assert torch.equal(select_stripes(scores, covered, config), expected)
+
+
+@given(random_scores(), st.floats(0.0, 1.0))
+def test_stripe_cap(scores_covered, cap):
+    scores, covered = scores_covered
+    config = SampleConfig(alpha=1.0, max_stripe_ratio=cap)
+    stripes = select_stripes(scores, covered, config)
+    assert torch.all(stripes.sum(-1) == int(cap * scores.shape[-1]))
+    assert torch.equal(stripes, reference_select(scores, covered, config))
+
+
+@given(qkv(dtypes=(torch.float32,)), configs())
+def test_block_mask_invariants(inputs, config):
+    q, k, _ = inputs
+    seq_len = q.shape[2]
+    scores, covered = reference_block_scores(q, k, config)
+    stripes = select_stripes(scores, covered, config)
+    keep = block_keep(stripes, seq_len, config)
+    assert torch.equal(keep, reference_block_keep(stripes, seq_len, config))
+
+    block_mask = build_block_mask(scores, covered, seq_len, config)
+    assert torch.equal(kept_blocks(block_mask), keep)
+    num_q, num_kv = math.ceil(seq_len / config.q_block), math.ceil(seq_len / config.kv_block)
+    assert block_mask.kv_indices.shape == (*q.shape[:2], num_q, num_kv)
+    lo, hi = config.window_blocks(seq_len)
+    for counts, indices, is_full in (
+        (block_mask.kv_num_blocks, block_mask.kv_indices, False),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, True),
+    ):
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                for qb in range(num_q):
+                    valid = indices[b, h, qb, : counts[b, h, qb]].tolist()
+                    assert valid == sorted(set(valid)), "ascending, no duplicates"
+                    q_first = qb * config.q_block
+                    for kb in valid:
+                        assert kb <= hi[qb], "causal"
+                        fully_before = (kb + 1) * config.kv_block - 1 <= q_first
+                        assert fully_before == is_full, "full blocks are exactly the unmasked ones"
+    # Window (with the diagonal) always kept; the token mask agrees with flex's view of it.
+    kv = torch.arange(num_kv)
+    assert torch.all(keep[..., (kv >= lo[:, None]) & (kv <= hi[:, None])])
+    token_mask = reference_token_mask(keep, seq_len, config)
+    dense = create_mask(block_mask.mask_mod, *q.shape[:2], seq_len, seq_len, device="cpu")
+    assert torch.equal(dense, token_mask)
+    torch.testing.assert_close(
+        density(block_mask), token_mask.sum((-1, -2)).float() / (seq_len * (seq_len + 1) / 2)
+    )
+
+
+@given(qkv(dtypes=(torch.float32,)), configs(), st.floats(0.0, 0.5), st.floats(0.0, 0.5))
+def test_larger_alpha_or_window_never_removes_a_block(inputs, config, d_alpha, d_window):
+    q, k, _ = inputs
+    seq_len = q.shape[2]
+
+    def keep(cfg):
+        scores, covered = reference_block_scores(q, k, cfg)
+        return block_keep(select_stripes(scores, covered, cfg), seq_len, cfg)
+
+    base = keep(config)
+    more_alpha = SampleConfig(**{**config.__dict__, "alpha": min(1.0, config.alpha + d_alpha)})
+    wider = SampleConfig(
+        **{**config.__dict__, "window_ratio": min(1.0, config.window_ratio + d_window)}
+    )
+    assert torch.all(keep(more_alpha) >= base)
+    # DESIGN §1 also lists "a larger window_ratio never removes a block"; that is false for the
+    # algorithm it defines (a wider window covers more mass, so fewer stripes reach alpha, and a
+    # stripe used far from the diagonal can go). What holds: every block of the narrower
+    # window stays, and the sampled rows still keep >= alpha.
+    no_stripes = SampleConfig(**{**wider.__dict__, "alpha": 1e-9})
+    base_window = keep(SampleConfig(**{**config.__dict__, "alpha": 1e-9}))
+    assert torch.all(keep(wider) >= base_window)
+    assert torch.all(keep(no_stripes) >= base_window)
+    scores, covered = reference_block_scores(q, k, wider)
+    kept = covered + (scores * select_stripes(scores, covered, wider)).sum(-1)
+    assert torch.all(kept >= min(wider.alpha, 1.0) - 1e-5)
+
+
+@pytest.mark.slow
+def test_build_block_mask_compiles_fullgraph_without_recompiles():
+    config = SampleConfig(q_block=16, kv_block=16, min_seq_len=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda s, c: kept_blocks(build_block_mask(s, c, 200, config)), fullgraph=True
+    )
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        raw = torch.rand(2, 3, 14, generator=gen) ** 8
+        raw = raw / raw.sum(-1, keepdim=True)
+        scores, covered = raw[..., 1:], raw[..., 0]
+        eager = block_keep(select_stripes(scores, covered, config), 200, config)
+        assert torch.equal(compiled(scores, covered), eager)
+    assert counters["stats"]["unique_graphs"] == 1
