@@ -133,8 +133,10 @@ def true_cra(
     keep: torch.Tensor,
     config: SampleConfig,
     scale: float | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Share of each row's full causal attention mass inside the kept blocks: `[B, Hq, S]`.
+    """Share of each row's full causal attention mass inside the kept blocks: `[B, Hq, S]`,
+    or `[B, Hq, len(rows)]` for the given query rows only (a cheaper estimate at large S).
 
     keep `[B, Hq, nQ, nKV]` is a block keep matrix (e.g. `mask.kept_blocks(block_mask)`).
     Rows are processed in chunks, so memory is O(chunk * S), never S×S. The paper's CRA is the
@@ -145,12 +147,14 @@ def true_cra(
     k = _expand_kv(k, heads).float()
     keys = torch.arange(seq_len, device=q.device)
     key_block = keys // config.kv_block
-    chunk = max(1, (1 << 24) // (batch * heads * seq_len))
-    out = torch.empty(batch, heads, seq_len, device=q.device)
-    for start in range(0, seq_len, chunk):
-        rows = keys[start : start + chunk]
-        logits = q[:, :, rows].float() @ k.transpose(-1, -2) * scale
-        probs = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf")).softmax(-1)
-        kept = keep[:, :, rows // config.q_block][..., key_block]
-        out[:, :, rows] = (probs * kept).sum(-1)
+    rows = keys if rows is None else rows.to(q.device)
+    budget = 1 << (28 if q.is_cuda else 24)  # logits elements per chunk: 1 GiB / 64 MiB
+    chunk = max(1, budget // (batch * heads * seq_len))
+    out = torch.empty(batch, heads, len(rows), device=q.device)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        logits = q[:, :, part].float() @ k.transpose(-1, -2) * scale
+        probs = logits.masked_fill(keys[None, :] > part[:, None], float("-inf")).softmax(-1)
+        kept = keep[:, :, part // config.q_block][..., key_block]
+        out[:, :, start : start + chunk] = (probs * kept).sum(-1)
     return out

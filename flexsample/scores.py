@@ -7,7 +7,9 @@ O(B·Hq·n·chunk + B·Hq·nKV) and never S×S.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 
@@ -24,11 +26,28 @@ def block_scores(
 
     q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` with Hq a multiple of Hkv (no copy of k for GQA).
     """
-    if config.resolved_score_backend(q.device) == "triton":
+    backend = config.resolved_score_backend(q.device)
+    if backend == "triton" and config.score_backend == "auto" and not _triton_available():
+        backend = "torch"  # "auto" on a CUDA machine without Triton
+    if backend == "triton":
+        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"the Triton score kernel needs a CUDA device (got {q.device.type}); set "
+                "TRITON_INTERPRET=1 before importing flexsample to run it in the interpreter"
+            )
         from flexsample.kernels.sampling import triton_block_scores
 
         return triton_block_scores(q, k, config, scale)
     return torch_block_scores(q, k, config, scale)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def torch_block_scores(

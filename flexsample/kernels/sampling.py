@@ -1,0 +1,157 @@
+"""Triton kernel for stage 1: exact softmax of the sampled rows, summed per KV block.
+
+One program takes one sampled tile (`sample_block` contiguous rows) of every query head that
+shares one KV head (GQA without copying K): its tile is `group * sample_block` rows, which
+fills a tensor-core tile for Llama-like groups (4 x 16 = 64 rows). It walks the KV blocks up to
+the tile's causal limit twice:
+
+1. row statistics: online max and sum of exp2 (FlashAttention's recurrence);
+2. normalised probabilities per KV block: the mass inside each row's own window blocks goes to
+   `covered`, the rest is summed over the tile's rows into that block's score.
+
+Why two passes rather than one online pass: a block's score is a sum over rows of
+probabilities normalised by each row's final sum, so one pass would have to keep every row's
+unnormalised block sums (`[n, nKV]` per head) and rescale them afterwards; two passes keep
+nothing but the outputs and cost one more QK^T over the sampled rows, about 1% of the dense
+attention work at 1% sampling. The outputs are per (head, tile, block) partial sums written by
+exactly one program each and reduced over tiles with `torch.sum`: no atomics, so results do
+not depend on launch order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from flexsample.config import SampleConfig
+
+
+@triton.jit
+def _sample_scores_kernel(
+    Q, K, ROWS, WIN_LO, WIN_HI, SCORES, COVERED,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    seq_len, kv_heads, num_tiles, num_kv_blocks, scale_log2e,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, SB: tl.constexpr, SB_PAD: tl.constexpr,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    b = tl.program_id(1) // kv_heads
+    kvh = tl.program_id(1) % kv_heads
+
+    offs_m = tl.arange(0, G_PAD * SB_PAD)
+    g = offs_m // SB_PAD
+    r = offs_m % SB_PAD
+    row = tl.load(ROWS + tile * SB + r, mask=r < SB, other=-1)
+    valid = (row >= 0) & (g < GROUP)
+    row = tl.where(valid, row, -1)
+    head = kvh * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qs
+        + offs_d[None, :] * stride_qd,
+        mask=valid[:, None] & d_ok, other=0.0,
+    )  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    num_blocks = tl.max(row) // KV_BLOCK + 1  # the tile's causal limit
+
+    m_i = tl.full([G_PAD * SB_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD * SB_PAD], tl.float32)
+    for kb in range(0, num_blocks):
+        offs_n = kb * KV_BLOCK + tl.arange(0, KV_BLOCK)
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=(offs_n[:, None] < seq_len) & d_ok, other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        s = tl.where(offs_n[None, :] <= row[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
+        m_i = m_new
+
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    q_block = tl.where(valid, row // Q_BLOCK, 0)
+    win_lo = tl.load(WIN_LO + q_block, mask=valid, other=0)
+    win_hi = tl.load(WIN_HI + q_block, mask=valid, other=-1)
+    g_out = tl.arange(0, G_PAD)
+    out_base = (b * kv_heads * GROUP + kvh * GROUP + g_out) * num_tiles + tile
+    covered = tl.zeros([G_PAD * SB_PAD], tl.float32)
+    for kb in range(0, num_blocks):
+        offs_n = kb * KV_BLOCK + tl.arange(0, KV_BLOCK)
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=(offs_n[:, None] < seq_len) & d_ok, other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        s = tl.where(offs_n[None, :] <= row[:, None], s, float("-inf"))
+        mass = tl.sum(tl.exp2(s - m_ref[:, None]), 1) * inv_l
+        in_window = (kb >= win_lo) & (kb <= win_hi)
+        covered += tl.where(in_window, mass, 0.0)
+        outside = tl.sum(tl.reshape(tl.where(in_window, 0.0, mass), (G_PAD, SB_PAD)), 1)
+        tl.store(SCORES + out_base * num_kv_blocks + kb, outside, mask=g_out < GROUP)
+    covered_head = tl.sum(tl.reshape(covered, (G_PAD, SB_PAD)), 1)
+    tl.store(COVERED + out_base, covered_head, mask=g_out < GROUP)
+
+
+@triton_op("flexsample::sample_block_scores", mutates_args=())
+def sample_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    win_lo: torch.Tensor,
+    win_hi: torch.Tensor,
+    scale: float,
+    q_block: int,
+    kv_block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]`, rows `[tiles, sample_block]` (int32, -1 pads),
+    window block bounds `[nQ]` (int32) -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), fp32."""
+    batch, heads, seq_len, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    num_tiles, sample_block = rows.shape
+    num_kv_blocks = triton.cdiv(seq_len, kv_block)
+    # Zeros: programs write only blocks up to their tile's causal limit.
+    partial = torch.zeros(batch, heads, num_tiles, num_kv_blocks, device=q.device)
+    covered = torch.empty(batch, heads, num_tiles, device=q.device)
+    upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    wrap_triton(_sample_scores_kernel)[(num_tiles, batch * kv_heads)](
+        q, k, rows, win_lo, win_hi, partial, covered,
+        *q.stride(), *k.stride(),
+        seq_len, kv_heads, num_tiles, num_kv_blocks, scale * math.log2(math.e),
+        GROUP=group, G_PAD=triton.next_power_of_2(group),
+        SB=sample_block, SB_PAD=triton.next_power_of_2(sample_block),
+        Q_BLOCK=q_block, KV_BLOCK=kv_block, HEAD_DIM=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    n_rows = (rows >= 0).sum()
+    return partial.sum(2) / n_rows, covered.sum(2) / n_rows
+
+
+def triton_block_scores(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.block_scores` through the Triton kernel (same signature and result)."""
+    seq_len = q.shape[2]
+    rows = config.sampled_rows(seq_len, q.device)
+    lo, hi = config.window_blocks(seq_len, q.device)
+    return sample_block_scores(
+        q, k, rows, lo.to(torch.int32), hi.to(torch.int32), scale, config.q_block, config.kv_block
+    )
