@@ -139,9 +139,10 @@ def sample_block_mask(
         )
     if q.dtype not in _SPARSE_DTYPES:
         raise TypeError(f"dtype {q.dtype} has no sparse kernel: allowed {_SPARSE_DTYPES}")
+    # Backward through flex_attention needs the transposed (q-block) indices.
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
         scores, covered = block_scores(q, k, config, _resolve_scale(q, scale))
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         return build_block_mask(scores, covered, q.shape[2], config, compute_q_blocks=needs_grad)
 
 
