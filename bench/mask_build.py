@@ -22,9 +22,8 @@ from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_res
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import _flex
 from flexsample.mask import (
-    block_keep,
+    build_block_mask,
     density,
-    keep_to_block_mask,
     kept_blocks,
     select_stripes,
 )
@@ -64,7 +63,7 @@ def _dense_baselines(q, k, v, config) -> dict[str, float]:
     )
     num_kv = -(-k.shape[2] // config.kv_block)
     every_block = torch.ones(*q.shape[:2], num_kv, dtype=torch.bool, device=q.device)
-    dense_mask = keep_to_block_mask(block_keep(every_block, q.shape[2], config), q.shape[2], config)
+    dense_mask = build_block_mask(every_block, q.shape[2], config)
     row["flex dense ms"] = time_ms(lambda: _flex(q, k, v, dense_mask, q.shape[-1] ** -0.5, True))
     return row
 
@@ -74,14 +73,11 @@ def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
     seq_len = q.shape[2]
     scores, covered = block_scores(q, k, config, scale)
     stripes = select_stripes(scores, covered, config)
-    keep = block_keep(stripes, seq_len, config)
     block_mask = sample_block_mask(q, k, config)
     row = {
         "scores ms": time_ms(lambda: block_scores(q, k, config, scale)),
-        "select ms": time_ms(
-            lambda: block_keep(select_stripes(scores, covered, config), seq_len, config)
-        ),
-        "BlockMask ms": time_ms(lambda: keep_to_block_mask(keep, seq_len, config)),
+        "select ms": time_ms(lambda: select_stripes(scores, covered, config)),
+        "BlockMask ms": time_ms(lambda: build_block_mask(stripes, seq_len, config)),
         "mask build ms": time_ms(lambda: sample_block_mask(q, k, config)),
         "sparse attn ms": time_ms(lambda: _flex(q, k, v, block_mask, scale, True)),
         "peak MiB": peak_memory_mib(lambda: sample_block_mask(q, k, config)),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexsample.config import SampleConfig
-from flexsample.mask import build_block_mask
+from flexsample.mask import build_block_mask, select_stripes
 from flexsample.scores import block_scores
 
 logger = logging.getLogger("flexsample")
@@ -143,19 +143,32 @@ def sample_block_mask(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
         scores, covered = block_scores(q, k, config, _resolve_scale(q, scale))
-        return build_block_mask(scores, covered, q.shape[2], config, compute_q_blocks=needs_grad)
+        stripes = select_stripes(scores, covered, config)
+        return build_block_mask(stripes, q.shape[2], config, compute_q_blocks=needs_grad)
 
 
-def _flex(q, k, v, block_mask, scale, enable_gqa):
+def _kernel_options(q: torch.Tensor, config: SampleConfig) -> dict[str, int] | None:
+    """Flex's CUDA kernel tiles must divide the mask blocks; cap them for blocks under 128."""
+    if q.device.type != "cuda" or min(config.q_block, config.kv_block) >= 128:
+        return None
+    m, n = min(config.q_block, 64), min(config.kv_block, 64)
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n, "BLOCK_M2": m, "BLOCK_N2": n}
+
+
+def _flex(q, k, v, block_mask, scale, enable_gqa, kernel_options=None):
     global _compiled_flex
-    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": enable_gqa,
+              "kernel_options": kernel_options}  # fmt: skip
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kwargs)
+    if q.device.type == "cuda":
         # The unfused eager flex_attention materialises S×S; the compiled kernel does not.
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return _compiled_flex(q, k, v, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return flex_attention(q, k, v, **kwargs)
 
 
 def sample_attention(
@@ -181,4 +194,6 @@ def sample_attention(
         logger.debug("flexsample: dense attention (%s) for q %s", reason, tuple(q.shape))
         return dense_causal_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
     block_mask = sample_block_mask(q, k, config, scale=scale)
-    return _flex(q, k, v, block_mask, _resolve_scale(q, scale), q.shape[1] != k.shape[1])
+    scale = _resolve_scale(q, scale)
+    enable_gqa = q.shape[1] != k.shape[1]
+    return _flex(q, k, v, block_mask, scale, enable_gqa, _kernel_options(q, config))

@@ -1,32 +1,17 @@
 """Scores -> stage-2 selection -> window ∪ stripes -> `BlockMask`, all on-device.
 
-Vectorised tensor code only (sort, cumsum, scatter): no loop over heads or blocks and no host
-sync, so it runs inside `torch.compile(fullgraph=True)`. Indices are built from the keep matrix
-with a cumsum-scatter instead of an argsort (DESIGN §7: the sort costs more).
+Vectorised tensor code only (sort, cumsum, gather): no loop over heads or blocks and no host
+sync, so it runs inside `torch.compile(fullgraph=True)`. The block indices come from the
+mask's structure (a sorted stripe list and a window range), not from a sort or a scan over
+`[B, H, nQ, nKV]` (DESIGN §7).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample.config import SampleConfig
-
-
-def sampled_causal_mask_mod(keep: torch.Tensor, config: SampleConfig):
-    """mask_mod of a keep matrix `[B, H, nQ, nKV]`: causal and inside a kept block.
-
-    The block lists already skip dropped blocks in the fused kernel (which calls this only on
-    partial, i.e. diagonal, blocks); flex_attention's unfused path reads only the mask_mod, so
-    the block lookup is what makes both paths compute the same function.
-    """
-
-    def sampled_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & keep[b, h, q_idx // config.q_block, kv_idx // config.kv_block]
-
-    return sampled_causal
 
 
 def select_stripes(
@@ -35,7 +20,8 @@ def select_stripes(
     """Stripe blocks `[B, H, nKV]` (bool): the shortest prefix of blocks by descending score
     (ties: lower index first) with `covered + kept >= alpha`; alpha = 1 keeps all."""
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    # float64 running sum: decisions at the alpha boundary match the reference's exactly.
+    # float64 running sum, covered first: the reference's exact sequence of additions, so
+    # decisions at the alpha boundary match it.
     running = torch.cat([covered[..., None], sorted_scores[..., :-1]], -1).double()
     keep_sorted = torch.cumsum(running, -1) < config.alpha  # mass kept before each block
     if config.alpha >= 1.0:
@@ -46,68 +32,67 @@ def select_stripes(
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def block_keep(stripes: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
-    """Kept blocks `[B, H, nQ, nKV]`: window blocks ∪ stripes, within each block's causal limit."""
-    lo, hi = config.window_blocks(seq_len, stripes.device)
-    kv = torch.arange(stripes.shape[-1], device=stripes.device)
-    in_window = (kv >= lo[:, None]) & (kv <= hi[:, None])
-    causal = kv <= hi[:, None]
-    return in_window | (stripes[:, :, None, :] & causal)
+def sampled_causal_mask_mod(stripes: torch.Tensor, win_lo: torch.Tensor, config: SampleConfig):
+    """mask_mod of a SampleAttention mask: causal, and the key's block is a stripe or at or
+    after the query block's window start `win_lo[nQ]` (the causal rule bounds it above).
+
+    The block lists already skip dropped blocks in the fused kernel (which calls this only on
+    partial, i.e. diagonal, blocks); flex_attention's unfused path reads only the mask_mod, so
+    the block rule here is what makes both paths compute the same function.
+    """
+
+    def sampled_causal(b, h, q_idx, kv_idx):
+        kv_block = kv_idx // config.kv_block
+        kept = (kv_block >= win_lo[q_idx // config.q_block]) | stripes[b, h, kv_block]
+        return (q_idx >= kv_idx) & kept
+
+    return sampled_causal
 
 
-def _full_blocks(seq_len: int, config: SampleConfig, device: torch.device) -> torch.Tensor:
-    """`[nQ, nKV]`: blocks whose every key precedes the block's first query (no mask_mod work)."""
-    q_first = torch.arange(math.ceil(seq_len / config.q_block), device=device) * config.q_block
-    kv_last = (
-        torch.arange(math.ceil(seq_len / config.kv_block), device=device) + 1
-    ) * config.kv_block - 1
-    return kv_last[None, :] <= q_first[:, None]
-
-
-def _to_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool `[..., nKV]` -> (counts `[...]`, ascending indices `[..., nKV]`), int32, no sort."""
-    num_kv = selected.shape[-1]
-    counts = selected.sum(-1, dtype=torch.int32)
-    slot = torch.cumsum(selected, -1, dtype=torch.int32) - 1
-    slot = torch.where(selected, slot, num_kv)  # unselected entries land in a spill column
-    kv = torch.arange(num_kv, device=selected.device, dtype=torch.int32).expand_as(slot)
-    indices = torch.zeros(
-        *selected.shape[:-1], num_kv + 1, dtype=torch.int32, device=selected.device
-    )
-    indices.scatter_(-1, slot.long(), kv)
-    return counts, indices[..., :num_kv]
-
-
-def keep_to_block_mask(
-    keep: torch.Tensor, seq_len: int, config: SampleConfig, *, compute_q_blocks: bool = False
+def build_block_mask(
+    stripes: torch.Tensor, seq_len: int, config: SampleConfig, *, compute_q_blocks: bool = False
 ) -> BlockMask:
-    """Wrap a keep matrix `[B, H, nQ, nKV]` as a causal `BlockMask` with full/partial split."""
-    full = _full_blocks(seq_len, config, keep.device)
-    kv_num, kv_idx = _to_indices(keep & ~full)
-    full_num, full_idx = _to_indices(keep & full)
+    """Window ∪ stripes `[B, H, nKV]` -> causal `BlockMask` (step 4), from the structure.
+
+    Query block qb keeps the stripes below its window start `lo` (all full blocks: they end
+    before qb's first row) and the window `[lo, hi]`, whose blocks up to `last_full` (the last
+    block ending before qb's first row) are full and the rest partial. So the full indices are
+    a gather from the ascending stripe list followed by a range, and the partial ones a range.
+    """
+    num_kv = stripes.shape[-1]
+    device = stripes.device
+    lo, hi = config.window_blocks(seq_len, device)
+    first_row = torch.arange(len(lo), device=device) * config.q_block
+    last_full = torch.maximum((first_row + 1) // config.kv_block - 1, lo - 1)
+    slot = torch.arange(num_kv, device=device)
+
+    before = torch.nn.functional.pad(torch.cumsum(stripes, -1), (1, 0))
+    below = before[..., lo]  # [B, H, nQ]: stripes below each window start
+    from_window = (lo[:, None] + slot - below[..., None]).clamp(0, num_kv - 1)
+    full_idx = torch.where(slot < below[..., None], _ascending(stripes)[:, :, None, :], from_window)
+    full_num = below + (torch.minimum(hi, last_full) - lo + 1)
+    partial_first = torch.maximum(lo, last_full + 1)
+    kv_num = (hi - partial_first + 1).expand_as(full_num)
+    kv_idx = (partial_first[:, None] + slot).clamp(max=num_kv - 1).expand_as(full_idx)
     return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
+        kv_num.to(torch.int32),
+        kv_idx.to(torch.int32),
+        full_num.to(torch.int32),
+        full_idx.to(torch.int32),
         BLOCK_SIZE=(config.q_block, config.kv_block),
-        mask_mod=sampled_causal_mask_mod(keep, config),
+        mask_mod=sampled_causal_mask_mod(stripes, lo, config),
         seq_lengths=(seq_len, seq_len),
         compute_q_blocks=compute_q_blocks,
     )
 
 
-def build_block_mask(
-    scores: torch.Tensor,
-    covered: torch.Tensor,
-    seq_len: int,
-    config: SampleConfig,
-    *,
-    compute_q_blocks: bool = False,
-) -> BlockMask:
-    """Stage 2 and step 4: block scores `[B, H, nKV]` and covered `[B, H]` -> `BlockMask`."""
-    keep = block_keep(select_stripes(scores, covered, config), seq_len, config)
-    return keep_to_block_mask(keep, seq_len, config, compute_q_blocks=compute_q_blocks)
+def _ascending(selected: torch.Tensor) -> torch.Tensor:
+    """Bool `[..., n]` -> its selected indices in ascending order, then zeros: `[..., n]`."""
+    n = selected.shape[-1]
+    slot = torch.where(selected, torch.cumsum(selected, -1) - 1, n)
+    out = torch.zeros(*selected.shape[:-1], n + 1, dtype=torch.long, device=selected.device)
+    out.scatter_(-1, slot, torch.arange(n, device=selected.device).expand_as(slot))
+    return out[..., :n]
 
 
 def kept_blocks(block_mask: BlockMask) -> torch.Tensor:

@@ -8,7 +8,6 @@ from torch.nn.attention.flex_attention import create_mask
 
 from flexsample import SampleConfig
 from flexsample.mask import (
-    block_keep,
     build_block_mask,
     density,
     kept_blocks,
@@ -62,11 +61,9 @@ def test_block_mask_invariants(inputs, config):
     seq_len = q.shape[2]
     scores, covered = reference_block_scores(q, k, config)
     stripes = select_stripes(scores, covered, config)
-    keep = block_keep(stripes, seq_len, config)
+    block_mask = build_block_mask(stripes, seq_len, config)
+    keep = kept_blocks(block_mask)
     assert torch.equal(keep, reference_block_keep(stripes, seq_len, config))
-
-    block_mask = build_block_mask(scores, covered, seq_len, config)
-    assert torch.equal(kept_blocks(block_mask), keep)
     num_q, num_kv = math.ceil(seq_len / config.q_block), math.ceil(seq_len / config.kv_block)
     assert block_mask.kv_indices.shape == (*q.shape[:2], num_q, num_kv)
     lo, hi = config.window_blocks(seq_len)
@@ -102,7 +99,7 @@ def test_larger_alpha_or_window_never_removes_a_block(inputs, config, d_alpha, d
 
     def keep(cfg):
         scores, covered = reference_block_scores(q, k, cfg)
-        return block_keep(select_stripes(scores, covered, cfg), seq_len, cfg)
+        return kept_blocks(build_block_mask(select_stripes(scores, covered, cfg), seq_len, cfg))
 
     base = keep(config)
     more_alpha = SampleConfig(**{**config.__dict__, "alpha": min(1.0, config.alpha + d_alpha)})
@@ -124,12 +121,14 @@ def test_larger_alpha_or_window_never_removes_a_block(inputs, config, d_alpha, d
 
 
 @pytest.mark.slow
-def test_build_block_mask_compiles_fullgraph_without_recompiles():
+def test_mask_build_compiles_fullgraph_without_recompiles():
     config = SampleConfig(q_block=16, kv_block=16, min_seq_len=0)
     torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda s, c: kept_blocks(build_block_mask(s, c, 200, config)), fullgraph=True
-    )
+
+    def build(scores, covered):
+        return kept_blocks(build_block_mask(select_stripes(scores, covered, config), 200, config))
+
+    compiled = torch.compile(build, fullgraph=True)
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -138,6 +137,6 @@ def test_build_block_mask_compiles_fullgraph_without_recompiles():
         raw = torch.rand(2, 3, 14, generator=gen) ** 8
         raw = raw / raw.sum(-1, keepdim=True)
         scores, covered = raw[..., 1:], raw[..., 0]
-        eager = block_keep(select_stripes(scores, covered, config), 200, config)
-        assert torch.equal(compiled(scores, covered), eager)
+        expected = reference_block_keep(reference_select(scores, covered, config), 200, config)
+        assert torch.equal(compiled(scores, covered), expected)
     assert counters["stats"]["unique_graphs"] == 1

@@ -30,6 +30,9 @@ from torch.library import triton_op, wrap_triton
 
 from flexsample.config import SampleConfig
 
+# Launch parameters, chosen on the H100 with bench/score_kernel.py (results there).
+LAUNCH = {"num_warps": 4, "num_stages": 2}
+
 
 @triton.jit
 def _sample_scores_kernel(
@@ -139,7 +142,7 @@ def sample_block_scores(
         Q_BLOCK=q_block, KV_BLOCK=kv_block, HEAD_DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
         UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
-        num_warps=4, num_stages=2,
+        **LAUNCH,
     )  # fmt: skip
     n_rows = (rows >= 0).sum()
     return partial.sum(2) / n_rows, covered.sum(2) / n_rows

@@ -1,0 +1,57 @@
+"""Stage-1 score kernel: launch parameters swept on the Llama-3-8B shape, with achieved TFLOP/s.
+
+Work counted: two QK^T passes over the sampled rows, each row against its causal prefix.
+Writes bench/results/score_kernel.{md,json}. GPU only: `python -m bench.score_kernel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from bench.harness import progress, time_ms, write_results
+from flexsample import SampleConfig
+from flexsample.kernels import sampling
+from flexsample.testing import structured_qkv
+
+COLUMNS = ["S", "sample_ratio", "num_warps", "num_stages", "ms", "TFLOP/s"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    args = parser.parse_args(argv)
+    config = SampleConfig(min_seq_len=0)
+    default = dict(sampling.LAUNCH)
+    rows = []
+    for seq_len in args.lengths:
+        x = structured_qkv(1, 32, 8, seq_len, 128, dtype=torch.bfloat16, device="cuda")
+        sampled = config.sampled_rows(seq_len).flatten()
+        sampled = sampled[sampled >= 0].double()
+        flops = 2 * 2 * 32 * 128 * (sampled + 1).sum().item()
+        for warps, stages in itertools.product(args.warps, args.stages):
+            sampling.LAUNCH.update(num_warps=warps, num_stages=stages)
+            try:
+                ms = time_ms(lambda: sampling.triton_block_scores(x.q, x.k, config, 128**-0.5))
+            except Exception as err:  # e.g. out of shared memory for this config
+                progress(f"S={seq_len} warps={warps} stages={stages}: {err}".splitlines()[0])
+                continue
+            row = {"S": seq_len, "sample_ratio": config.sample_ratio, "num_warps": warps,
+                   "num_stages": stages, "ms": ms, "TFLOP/s": flops / ms / 1e9}  # fmt: skip
+            rows.append(row)
+            progress(f"S={seq_len} warps={warps} stages={stages}: {ms:.3f} ms")
+    sampling.LAUNCH.clear()
+    sampling.LAUNCH.update(default)
+    notes = [f"Config: {config}.", "Inputs: structured_qkv, B=1, Hq=32, Hkv=8, D=128, bf16.",
+             f"Default launch at the time of the run: {default}."]  # fmt: skip
+    path = write_results("score_kernel", "Stage-1 score kernel launch sweep",
+                         [("Launch sweep", COLUMNS, rows)], notes)  # fmt: skip
+    print(open(path).read())
+
+
+if __name__ == "__main__":
+    main()
