@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         for warps, stages in itertools.product(args.warps, args.stages):
             sampling.LAUNCH.update(num_warps=warps, num_stages=stages)
             try:
-                ms = time_ms(lambda: sampling.triton_block_scores(x.q, x.k, config, 128**-0.5))
+                ms = time_ms(lambda x=x: sampling.triton_block_scores(x.q, x.k, config, 128**-0.5))
             except Exception as err:  # e.g. out of shared memory for this config
                 progress(f"S={seq_len} warps={warps} stages={stages}: {err}".splitlines()[0])
                 continue
