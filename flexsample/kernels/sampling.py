@@ -31,7 +31,7 @@ from torch.library import triton_op, wrap_triton
 from flexsample.config import SampleConfig
 
 # Launch parameters, chosen on the H100 with bench/score_kernel.py (results there).
-LAUNCH = {"num_warps": 4, "num_stages": 2}
+LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -77,7 +77,8 @@ def _sample_scores_kernel(
         )  # fmt: skip
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        # fp32 cast: under inductor a float argument arrives as fp64 and would promote s.
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e).to(tl.float32)
         s = tl.where(offs_n[None, :] <= row[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -100,7 +101,8 @@ def _sample_scores_kernel(
         )  # fmt: skip
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        # fp32 cast: under inductor a float argument arrives as fp64 and would promote s.
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e).to(tl.float32)
         s = tl.where(offs_n[None, :] <= row[:, None], s, float("-inf"))
         mass = tl.sum(tl.exp2(s - m_ref[:, None]), 1) * inv_l
         in_window = (kb >= win_lo) & (kb <= win_hi)
