@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
-from flexsample.attention import _flex
+from flexsample.attention import attention_with_mask
 from flexsample.mask import (
     build_block_mask,
     density,
@@ -64,7 +64,9 @@ def _dense_baselines(q, k, v, config) -> dict[str, float]:
     num_kv = -(-k.shape[2] // config.kv_block)
     every_block = torch.ones(*q.shape[:2], num_kv, dtype=torch.bool, device=q.device)
     dense_mask = build_block_mask(every_block, q.shape[2], config)
-    row["flex dense ms"] = time_ms(lambda: _flex(q, k, v, dense_mask, q.shape[-1] ** -0.5, True))
+    row["flex dense ms"] = time_ms(
+        lambda: attention_with_mask(q, k, v, dense_mask, enable_gqa=True)
+    )
     return row
 
 
@@ -79,7 +81,9 @@ def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
         "select ms": time_ms(lambda: select_stripes(scores, covered, config)),
         "BlockMask ms": time_ms(lambda: build_block_mask(stripes, seq_len, config)),
         "mask build ms": time_ms(lambda: sample_block_mask(q, k, config)),
-        "sparse attn ms": time_ms(lambda: _flex(q, k, v, block_mask, scale, True)),
+        "sparse attn ms": time_ms(
+            lambda: attention_with_mask(q, k, v, block_mask, enable_gqa=True)
+        ),
         "peak MiB": peak_memory_mib(lambda: sample_block_mask(q, k, config)),
         "density": density(block_mask).mean().item(),
     }

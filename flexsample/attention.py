@@ -9,14 +9,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexsample.config import SampleConfig
-from flexsample.mask import build_block_mask, select_stripes
+from flexsample.mask import build_block_mask, select_stripes, token_mask
 from flexsample.scores import block_scores
 
 logger = logging.getLogger("flexsample")
@@ -84,8 +83,6 @@ def dense_reason(q: torch.Tensor, k: torch.Tensor, config: SampleConfig) -> str 
         return f"dtype:{str(q.dtype).removeprefix('torch.')}"
     if q.device.type not in _SPARSE_DEVICES:
         return f"device:{q.device.type}"
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return "backward:cpu"  # flex_attention has no CPU backward
     return None
 
 
@@ -155,20 +152,35 @@ def _kernel_options(q: torch.Tensor, config: SampleConfig) -> dict[str, int] | N
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n, "BLOCK_M2": m, "BLOCK_N2": n}
 
 
-def _flex(q, k, v, block_mask, scale, enable_gqa, kernel_options=None):
+def attention_with_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    """Attention `[B, Hq, S, Dv]` under a causal BlockMask (e.g. from `sample_block_mask`).
+
+    CUDA: compiled flex_attention. Elsewhere: SDPA under the mask's exact token mask, since
+    flex_attention's unfused CPU path materialises S×S scores as well, but vmaps the mask_mod
+    (which fails inside a custom op's dispatch, i.e. the compiler path) and has no backward.
+    """
     global _compiled_flex
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=token_mask(block_mask), scale=scale, enable_gqa=enable_gqa
+        )
     kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": enable_gqa,
               "kernel_options": kernel_options}  # fmt: skip
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
-    if q.device.type == "cuda":
-        # The unfused eager flex_attention materialises S×S; the compiled kernel does not.
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, **kwargs)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, k, v, **kwargs)
+    # The unfused eager flex_attention materialises S×S; the compiled kernel does not.
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, **kwargs)
 
 
 def sample_attention(
@@ -196,4 +208,7 @@ def sample_attention(
     block_mask = sample_block_mask(q, k, config, scale=scale)
     scale = _resolve_scale(q, scale)
     enable_gqa = q.shape[1] != k.shape[1]
-    return _flex(q, k, v, block_mask, scale, enable_gqa, _kernel_options(q, config))
+    return attention_with_mask(
+        q, k, v, block_mask, scale=scale, enable_gqa=enable_gqa,
+        kernel_options=_kernel_options(q, config),
+    )  # fmt: skip

@@ -113,6 +113,16 @@ def kept_blocks(block_mask: BlockMask) -> torch.Tensor:
     return keep[..., :num_kv]
 
 
+def token_mask(block_mask: BlockMask) -> torch.Tensor:
+    """Token-level mask `[B, H, S, S]` (bool) of a causal block mask: kept block and j <= i."""
+    seq_q, seq_kv = block_mask.seq_lengths
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    keep = kept_blocks(block_mask)
+    rows = torch.arange(seq_q, device=keep.device)
+    keys = torch.arange(seq_kv, device=keep.device)
+    return keep[:, :, rows // q_block][..., keys // kv_block] & (keys[None, :] <= rows[:, None])
+
+
 def _causal_pairs_upto(x: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Pairs (i, j) with i <= x, first <= j <= last, j <= i (float64, broadcasting)."""
     width = last - first + 1

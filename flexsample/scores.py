@@ -56,9 +56,12 @@ def torch_block_scores(
     """The PyTorch path of `block_scores`, chunked over keys."""
     batch, heads, seq_len, dim = q.shape
     kv_heads, group = k.shape[1], heads // k.shape[1]
-    rows = config.sampled_rows(seq_len, q.device).flatten()
-    rows = rows[rows >= 0].long()
+    # The padded tile table (pads are -1) keeps shapes static under torch.compile: pad rows
+    # are computed on row 0 and weighted out; the row count is a tensor, so there is no sync.
+    table = config.sampled_rows(seq_len, q.device).flatten()
+    rows = table.clamp(min=0).long()
     n = rows.numel()
+    real = (table >= 0).repeat(group).float()
     # Group query heads by their KV head: [B, Hkv, group * n, D] against k's [B, Hkv, chunk, D].
     qs = q[:, :, rows].float().reshape(batch, kv_heads, group * n, dim) * scale
     row_of = rows.repeat(group)  # sampled row of each grouped query
@@ -90,7 +93,7 @@ def torch_block_scores(
     scores = torch.zeros(batch, kv_heads, group, num_kv_blocks, device=q.device)
     for start in range(0, seq_len, chunk):
         logits = chunk_logits(start)
-        probs = torch.exp(logits - lse[..., None])
+        probs = torch.exp(logits - lse[..., None]) * real[:, None]
         pad = (-probs.shape[-1]) % kvb
         blocks = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (-1, kvb)).sum(-1)
         block_idx = torch.arange(start // kvb, start // kvb + blocks.shape[-1], device=q.device)
@@ -100,6 +103,7 @@ def torch_block_scores(
         covered += (blocks * in_window).sum(-1)
         outside = (blocks * ~in_window).unflatten(2, (group, n)).sum(3)
         scores[..., block_idx] += outside
-    scores = scores.reshape(batch, heads, num_kv_blocks) / n
-    covered = covered.unflatten(2, (group, n)).sum(3).reshape(batch, heads) / n
+    n_real = (table >= 0).sum()
+    scores = scores.reshape(batch, heads, num_kv_blocks) / n_real
+    covered = covered.unflatten(2, (group, n)).sum(3).reshape(batch, heads) / n_real
     return scores, covered

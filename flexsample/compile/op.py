@@ -1,0 +1,65 @@
+"""`flexsample::sample_attention`: the op the compiler pass puts where SDPA was.
+
+An opaque custom op, so every decision (sparse or dense, by length, dtype, device) is taken
+at run time on the real tensors: one compiled graph serves every input of a length, short
+prompts and decode steps included, and dynamic shapes need no guards on our conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from flexsample.attention import path_counts, sample_attention
+from flexsample.config import SampleConfig
+
+
+def config_to_str(config: SampleConfig) -> str:
+    """A config as the op's string argument (JSON of its fields)."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _config_from_str(text: str) -> SampleConfig:
+    return SampleConfig(**json.loads(text))
+
+
+@torch.library.custom_op("flexsample::sample_attention", mutates_args=())
+def sample_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    enable_gqa: bool,
+    config: str,
+) -> torch.Tensor:
+    """`scaled_dot_product_attention(q, k, v, is_causal=True, scale, enable_gqa)`, sparse where
+    SampleAttention applies. Unequal lengths keep SDPA's own (top-left) causal alignment."""
+    if q.shape[-2] != k.shape[-2]:
+        path_counts["dense:q_len!=kv_len"] += 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        )
+    else:
+        out = sample_attention(
+            q, k, v, _config_from_str(config), scale=scale, enable_gqa=enable_gqa
+        )
+    result = _empty_like_query(q, v.shape[-1])
+    return out if out.stride() == result.stride() else result.copy_(out)
+
+
+def _empty_like_query(q: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """`[B, H, S, Dv]` laid out in memory like q (SDPA and flex return q's layout; transformers
+    passes `[B, S, H, D]`-major q): the fake and real outputs must agree on strides."""
+    order = sorted(range(q.dim()), key=lambda d: q.stride(d), reverse=True)
+    shape = [*q.shape[:-1], value_dim]
+    return q.new_empty([shape[d] for d in order]).permute(*[order.index(d) for d in range(q.dim())])
+
+
+@sample_attention_op.register_fake
+def _(q, k, v, scale, enable_gqa, config):
+    return _empty_like_query(q, v.shape[-1])

@@ -1,0 +1,66 @@
+"""transformers integration: `attn_implementation="flexsample"` after `register()`.
+
+Plain causal prefill (no mask, equal query and key lengths, no dropout) runs SampleAttention;
+everything else (padded batches, decode steps, cached chunks, dropout, softcap) runs
+transformers' own SDPA attention function unchanged, with all its shape handling.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from flexsample.attention import sample_attention
+from flexsample.config import SampleConfig
+
+NAME = "flexsample"
+
+
+def make_attention_forward(config: SampleConfig | None = None):
+    """A transformers attention function (the `sdpa_attention_forward` signature) using config."""
+    config = config or SampleConfig()
+
+    def flexsample_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        plain_prefill = (
+            causal
+            and attention_mask is None
+            and dropout == 0.0
+            and query.shape[2] > 1
+            and query.shape[2] == key.shape[2]
+            and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions", False)
+        )
+        if not plain_prefill:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                is_causal=is_causal, **kwargs,
+            )  # fmt: skip
+        out = sample_attention(query, key, value, config, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    return flexsample_attention_forward
+
+
+def register(config: SampleConfig | None = None, name: str = NAME) -> str:
+    """Register the attention function (and SDPA's mask format) under `name`; returns it.
+
+    Then `AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)` (or
+    `from_config`) uses it. Calling again with another config replaces the registration.
+    """
+    AttentionInterface.register(name, make_attention_forward(config))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,177 @@
+"""The torch.compile backend: FX rewrite of SDPA calls on tiny random HF models (CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import flexsample
+from flexsample import SampleConfig
+from flexsample.compile import report, reset_report
+
+from models import CONFIGS, tiny_model
+
+SPARSE = SampleConfig(min_seq_len=0, q_block=32, kv_block=32)
+DENSE_EQUIVALENT = SampleConfig(min_seq_len=0, q_block=32, kv_block=32, alpha=1.0)
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    torch._dynamo.reset()
+    reset_report()
+    flexsample.path_counts.clear()
+    counters.clear()
+
+
+def _ids(batch=1, length=300, seed=0):
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_rewrites_one_call_per_layer_and_alpha_one_equals_sdpa(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = torch.compile(model, backend=flexsample.backend(DENSE_EQUIVALENT))(ids).logits
+    assert report().rewritten == model.config.num_hidden_layers
+    assert report().skipped == []
+    assert flexsample.path_counts == {"sparse": model.config.num_hidden_layers}
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_sparse_path_runs_and_stays_close(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = torch.compile(model, backend=flexsample.backend(SPARSE))(ids).logits
+    assert flexsample.path_counts == {"sparse": model.config.num_hidden_layers}
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 0.05, rel
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_default_config_above_min_seq_len_runs_sparse():
+    model = tiny_model("llama")
+    length = SampleConfig().min_seq_len + 100
+    ids = _ids(length=length)
+    with torch.no_grad():
+        expected = model(ids).logits[:, -64:]
+        got = torch.compile(model, backend="flexsample")(ids).logits[:, -64:]
+    assert flexsample.path_counts == {"sparse": 2}
+    assert (got - expected).norm() / expected.norm() < 0.05
+
+
+def test_string_backend_is_registered_by_entry_point():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    assert "flexsample" in list_backends(exclude_tags=())
+    assert lookup_backend("flexsample") is flexsample.compile.flexsample_backend
+
+
+def test_short_prompts_run_dense_without_recompiling():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend=flexsample.backend(SampleConfig(min_seq_len=200)))
+    with torch.no_grad():
+        for seed in range(3):
+            ids = _ids(length=100, seed=seed)
+            torch.testing.assert_close(
+                compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4
+            )
+    assert flexsample.path_counts == {"dense:short": 6}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_no_recompiles_across_inputs_of_one_length_and_dynamic_lengths():
+    model = tiny_model("qwen2")
+    compiled = torch.compile(model, backend=flexsample.backend(SPARSE), dynamic=True)
+    with torch.no_grad():
+        for seed, length in enumerate([300, 300, 300, 257, 411]):
+            ids = _ids(length=length, seed=seed)
+            compiled(ids)
+    assert flexsample.path_counts == {"sparse": 10}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_generate_prefill_sparse_decode_dense():
+    model = tiny_model("llama")
+    ids = _ids(length=200)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+        model.forward = torch.compile(model.forward, backend=flexsample.backend(DENSE_EQUIVALENT))
+        got = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, expected)
+    assert flexsample.path_counts["sparse"] == 2  # prefill, both layers
+    assert report().rewritten >= 2
+
+
+def test_padded_batch_keeps_sdpa_and_matches_dense():
+    model = tiny_model("mistral")
+    ids = _ids(batch=2, length=120)
+    mask = torch.ones_like(ids)
+    mask[0, :17] = 0  # left padding
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        model.forward = torch.compile(model.forward, backend=flexsample.backend(SPARSE))
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    assert report().rewritten == 0
+    assert all("attn_mask" in reason for _, reason in report().skipped)
+
+
+def test_no_graph_breaks_added():
+    model = tiny_model("llama")
+    ids = _ids()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(ids)
+        torch._dynamo.reset()
+        torch.compile(model, backend=flexsample.backend(SPARSE), fullgraph=True)(ids)
+    assert explanation.graph_break_count == 0
+
+
+class _Encoder(torch.nn.Module):
+    """Bidirectional attention and an MLP: nothing for the pass to rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+        self.mlp = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # not causal
+        masked = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(1, 1, 1, 1).bool().expand(1, 2, x.shape[1], x.shape[1])
+        )
+        return self.mlp(
+            attn.transpose(1, 2).reshape(1, -1, 32) + masked.transpose(1, 2).reshape(1, -1, 32)
+        )
+
+
+def test_non_causal_and_masked_sdpa_and_plain_models_run_unchanged():
+    torch.manual_seed(0)
+    encoder = _Encoder().eval()
+    x = torch.randn(1, 50, 32)
+    with torch.no_grad():
+        expected = encoder(x)
+        got = torch.compile(encoder, backend="flexsample")(x)
+        mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        torch.testing.assert_close(
+            torch.compile(mlp, backend="flexsample")(x[..., :8]), mlp(x[..., :8])
+        )
+    torch.testing.assert_close(got, expected)
+    assert report().rewritten == 0
+    reasons = sorted(reason for _, reason in report().skipped)
+    assert reasons == ["attn_mask given (padding or a custom mask)", "not causal (is_causal=False)"]
+
+
+def test_training_graph_is_not_rewritten():
+    model = tiny_model("llama").train()
+    ids = _ids(length=64)
+    out = torch.compile(model, backend=flexsample.backend(SPARSE))(ids, labels=ids)
+    out.loss.backward()
+    assert report().rewritten == 0
+    assert any("require grad" in reason for _, reason in report().skipped)

@@ -1,0 +1,81 @@
+"""attn_implementation="flexsample": registration, equivalence, fallbacks, loading (CPU)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import flexsample
+from flexsample import SampleConfig
+from flexsample.integrations.transformers import register
+
+from models import CONFIGS, tiny_model
+
+SPARSE = SampleConfig(min_seq_len=0, q_block=32, kv_block=32)
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    flexsample.path_counts.clear()
+    yield
+    register()  # back to the default config
+
+
+def _ids(batch=1, length=300, seed=0):
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_alpha_one_equals_sdpa_model(arch):
+    register(SampleConfig(min_seq_len=0, q_block=32, kv_block=32, alpha=1.0))
+    ids = _ids()
+    with torch.no_grad():
+        expected = tiny_model(arch)(ids).logits
+        got = tiny_model(arch, attn_implementation="flexsample")(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert flexsample.path_counts == {"sparse": 2}
+
+
+def test_sparse_config_runs_sparse_and_stays_close():
+    register(SPARSE)
+    ids = _ids()
+    with torch.no_grad():
+        expected = tiny_model("llama")(ids).logits
+        got = tiny_model("llama", attn_implementation="flexsample")(ids).logits
+    assert flexsample.path_counts == {"sparse": 2}
+    assert (got - expected).norm() / expected.norm() < 0.05
+
+
+def test_generate_and_padded_batch_match_dense():
+    register(SampleConfig(min_seq_len=0, q_block=32, kv_block=32, alpha=1.0))
+    dense, sparse = tiny_model("qwen2"), tiny_model("qwen2", attn_implementation="flexsample")
+    ids = _ids(batch=2, length=150)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            expected = dense.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
+            got = sparse.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
+            assert torch.equal(got, expected)
+    # Unpadded prefill ran sparse (2 layers); padded prefill and all decode steps ran SDPA.
+    assert flexsample.path_counts == {"sparse": 2}
+
+
+def test_from_pretrained_checkpoint_uses_flexsample(tmp_path):
+    register(SPARSE)
+    tiny_model("mistral").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flexsample")
+    assert model.config._attn_implementation == "flexsample"
+    with torch.no_grad():
+        model(_ids())
+    assert flexsample.path_counts == {"sparse": 2}
+
+
+def test_compiles_fullgraph_with_inductor():
+    register(SPARSE)
+    model = tiny_model("llama", attn_implementation="flexsample")
+    ids = _ids()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
