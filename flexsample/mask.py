@@ -86,6 +86,30 @@ def build_block_mask(
     )
 
 
+def keep_block_mask(keep: torch.Tensor, seq_len: int, config: SampleConfig) -> BlockMask:
+    """Any causal block keep matrix `[B, H, nQ, nKV]` -> `BlockMask` (for comparison masks;
+    SampleAttention's own masks use `build_block_mask`). Blocks ending before the query
+    block's first row are full, the rest partial."""
+    num_q, num_kv = keep.shape[-2:]
+    first_row = torch.arange(num_q, device=keep.device)[:, None] * config.q_block
+    last_key = (torch.arange(num_kv, device=keep.device)[None, :] + 1) * config.kv_block - 1
+    full = keep & (last_key <= first_row)
+    partial = keep & ~full
+
+    def kept_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & keep[b, h, q_idx // config.q_block, kv_idx // config.kv_block]
+
+    return BlockMask.from_kv_blocks(
+        partial.sum(-1, dtype=torch.int32),
+        _ascending(partial).to(torch.int32),
+        full.sum(-1, dtype=torch.int32),
+        _ascending(full).to(torch.int32),
+        BLOCK_SIZE=(config.q_block, config.kv_block),
+        mask_mod=kept_causal,
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
 def _ascending(selected: torch.Tensor) -> torch.Tensor:
     """Bool `[..., n]` -> its selected indices in ascending order, then zeros: `[..., n]`."""
     n = selected.shape[-1]
@@ -133,8 +157,13 @@ def _causal_pairs_upto(x: torch.Tensor, first: torch.Tensor, last: torch.Tensor)
 def density(block_mask: BlockMask) -> torch.Tensor:
     """Kept share of the causal (query, key) pairs, per batch and head: `[B, H]` float32."""
     seq_q, seq_kv = block_mask.seq_lengths
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    keep = kept_blocks(block_mask)
+    return block_density(kept_blocks(block_mask), seq_q, seq_kv, *block_mask.BLOCK_SIZE)
+
+
+def block_density(
+    keep: torch.Tensor, seq_q: int, seq_kv: int, q_block: int, kv_block: int
+) -> torch.Tensor:
+    """Kept share of the causal pairs of a block keep matrix `[..., nQ, nKV]`: `[...]` float32."""
     opts = {"device": keep.device, "dtype": torch.float64}
     row_first = torch.arange(keep.shape[-2], **opts)[:, None] * q_block
     row_last = torch.clamp(row_first + q_block - 1, max=seq_q - 1)

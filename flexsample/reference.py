@@ -7,6 +7,7 @@ heads, so use it only at test sizes. Every fast path is tested against these fun
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -127,6 +128,24 @@ def reference_attention(
     return masked_attention(q, k, v, reference_mask(q, k, config, scale), scale)
 
 
+def causal_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, rows: torch.Tensor | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exact causal softmax rows, chunk by chunk: yields (row indices `[c]`, probs
+    `[B, Hq, c, S]` float32). Memory is O(chunk * S), never S×S."""
+    batch, heads, seq_len, _ = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = _expand_kv(k, heads).float()
+    keys = torch.arange(seq_len, device=q.device)
+    rows = keys if rows is None else rows.to(q.device)
+    budget = 1 << (28 if q.is_cuda else 24)  # logits elements per chunk: 1 GiB / 64 MiB
+    chunk = max(1, budget // (batch * heads * seq_len))
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        logits = q[:, :, part].float() @ k.transpose(-1, -2) * scale
+        yield part, logits.masked_fill(keys[None, :] > part[:, None], float("-inf")).softmax(-1)
+
+
 def true_cra(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,22 +158,11 @@ def true_cra(
     or `[B, Hq, len(rows)]` for the given query rows only (a cheaper estimate at large S).
 
     keep `[B, Hq, nQ, nKV]` is a block keep matrix (e.g. `mask.kept_blocks(block_mask)`).
-    Rows are processed in chunks, so memory is O(chunk * S), never S×S. The paper's CRA is the
-    minimum of this over rows; report min, low percentiles and mean.
+    The paper's CRA is the minimum of this over rows; report min, low percentiles and mean.
     """
-    batch, heads, seq_len, _ = q.shape
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k = _expand_kv(k, heads).float()
-    keys = torch.arange(seq_len, device=q.device)
-    key_block = keys // config.kv_block
-    rows = keys if rows is None else rows.to(q.device)
-    budget = 1 << (28 if q.is_cuda else 24)  # logits elements per chunk: 1 GiB / 64 MiB
-    chunk = max(1, budget // (batch * heads * seq_len))
-    out = torch.empty(batch, heads, len(rows), device=q.device)
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        logits = q[:, :, part].float() @ k.transpose(-1, -2) * scale
-        probs = logits.masked_fill(keys[None, :] > part[:, None], float("-inf")).softmax(-1)
-        kept = keep[:, :, part // config.q_block][..., key_block]
-        out[:, :, start : start + chunk] = (probs * kept).sum(-1)
-    return out
+    key_block = torch.arange(k.shape[2], device=q.device) // config.kv_block
+    shares = [
+        (probs * keep[:, :, part // config.q_block][..., key_block]).sum(-1)
+        for part, probs in causal_probs(q, k, scale, rows)
+    ]
+    return torch.cat(shares, -1)

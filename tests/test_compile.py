@@ -108,7 +108,7 @@ def test_generate_prefill_sparse_decode_dense():
     assert report().rewritten >= 2
 
 
-def test_padded_batch_keeps_sdpa_and_matches_dense():
+def test_padded_batch_runs_sdpa_with_its_mask_and_matches_dense():
     model = tiny_model("mistral")
     ids = _ids(batch=2, length=120)
     mask = torch.ones_like(ids)
@@ -118,8 +118,44 @@ def test_padded_batch_keeps_sdpa_and_matches_dense():
         model.forward = torch.compile(model.forward, backend=flexsample.backend(SPARSE))
         got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, expected)
-    assert report().rewritten == 0
-    assert all("attn_mask" in reason for _, reason in report().skipped)
+    # The padded prefill's mask is checked at run time and is not causal: SDPA with the mask.
+    assert flexsample.path_counts["dense:mask"] >= 2
+    assert "sparse" not in flexsample.path_counts
+
+
+class _ExplicitMask(torch.nn.Module):
+    """Causal attention written with an explicit mask, as traced transformers models do."""
+
+    def __init__(self, additive: bool):
+        super().__init__()
+        self.additive = additive
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, padding=None):
+        length = x.shape[1]
+        q, k, v = self.qkv(x).view(1, length, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        if padding is not None:
+            mask = mask & padding[:, None, None, :].bool()
+        if self.additive:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "float"])
+def test_explicit_causal_mask_is_rewritten_and_checked_at_run_time(additive):
+    torch.manual_seed(0)
+    module = _ExplicitMask(additive).eval()
+    x = torch.randn(1, 300, 32)
+    padding = torch.ones(1, 300)
+    padding[:, :40] = 0
+    compiled = torch.compile(module, backend=flexsample.backend(DENSE_EQUIVALENT))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), module(x), atol=1e-4, rtol=1e-4)
+        assert flexsample.path_counts == {"sparse": 1}
+        torch.testing.assert_close(compiled(x, padding), module(x, padding))
+    assert flexsample.path_counts == {"sparse": 1, "dense:mask": 1}
+    assert report().rewritten == 2 and report().skipped == []
 
 
 def test_no_graph_breaks_added():
@@ -163,9 +199,10 @@ def test_non_causal_and_masked_sdpa_and_plain_models_run_unchanged():
             torch.compile(mlp, backend="flexsample")(x[..., :8]), mlp(x[..., :8])
         )
     torch.testing.assert_close(got, expected)
-    assert report().rewritten == 0
-    reasons = sorted(reason for _, reason in report().skipped)
-    assert reasons == ["attn_mask given (padding or a custom mask)", "not causal (is_causal=False)"]
+    # The masked call may be causal as far as the graph shows; at run time its mask is not.
+    assert report().rewritten == 1
+    assert flexsample.path_counts == {"dense:mask": 1}
+    assert [reason for _, reason in report().skipped] == ["not causal (is_causal=False) and no mask"]
 
 
 def test_training_graph_is_not_rewritten():

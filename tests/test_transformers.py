@@ -56,8 +56,9 @@ def test_generate_and_padded_batch_match_dense():
             expected = dense.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
             got = sparse.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
             assert torch.equal(got, expected)
-    # Unpadded prefill ran sparse (2 layers); padded prefill and all decode steps ran SDPA.
-    assert flexsample.path_counts == {"sparse": 2}
+    # Unpadded prefill ran sparse (2 layers); the padded prefill's mask was checked and run
+    # with SDPA (2 layers); decode steps went to transformers' SDPA function (not counted).
+    assert flexsample.path_counts == {"sparse": 2, "dense:mask": 2}
 
 
 def test_from_pretrained_checkpoint_uses_flexsample(tmp_path):
@@ -77,5 +78,7 @@ def test_compiles_fullgraph_with_inductor():
     torch._dynamo.reset()
     with torch.no_grad():
         expected = model(ids).logits
+        flexsample.path_counts.clear()
         got = torch.compile(model, fullgraph=True)(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert flexsample.path_counts == {"sparse": 2}  # also where traced transformers passes a mask

@@ -1,8 +1,9 @@
 """`flexsample::sample_attention`: the op the compiler pass puts where SDPA was.
 
-An opaque custom op, so every decision (sparse or dense, by length, dtype, device) is taken
-at run time on the real tensors: one compiled graph serves every input of a length, short
-prompts and decode steps included, and dynamic shapes need no guards on our conditions.
+An opaque custom op, so every decision (sparse or dense, by length, dtype, device, and
+whether a given mask is the causal one) is taken at run time on the real tensors: one
+compiled graph serves every input of a length, short prompts, padded batches and decode
+steps included, and dynamic shapes need no guards on our conditions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from flexsample.attention import path_counts, sample_attention
+from flexsample.compile.causal_mask import is_causal_mask
 from flexsample.config import SampleConfig
 
 
@@ -33,13 +35,25 @@ def sample_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
     scale: float | None,
     enable_gqa: bool,
     config: str,
 ) -> torch.Tensor:
-    """`scaled_dot_product_attention(q, k, v, is_causal=True, scale, enable_gqa)`, sparse where
-    SampleAttention applies. Unequal lengths keep SDPA's own (top-left) causal alignment."""
-    if q.shape[-2] != k.shape[-2]:
+    """Causal SDPA, sparse where SampleAttention applies.
+
+    Without `attn_mask` it is `scaled_dot_product_attention(q, k, v, is_causal=True, ...)`
+    (unequal lengths keep SDPA's top-left alignment); with one it is
+    `scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, ...)`, sparse only when the
+    mask is exactly causal over equal lengths. Shapes `[B, H, S, D]`.
+    """
+    equal_lengths = q.shape[-2] == k.shape[-2]
+    if attn_mask is not None and not (equal_lengths and is_causal_mask(attn_mask)):
+        path_counts["dense:mask"] += 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa
+        )
+    elif not equal_lengths:
         path_counts["dense:q_len!=kv_len"] += 1
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
@@ -61,5 +75,5 @@ def _empty_like_query(q: torch.Tensor, value_dim: int) -> torch.Tensor:
 
 
 @sample_attention_op.register_fake
-def _(q, k, v, scale, enable_gqa, config):
+def _(q, k, v, attn_mask, scale, enable_gqa, config):
     return _empty_like_query(q, v.shape[-1])

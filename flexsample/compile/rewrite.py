@@ -1,8 +1,11 @@
 """FX pass: replace qualifying `scaled_dot_product_attention` calls with the flexsample op.
 
-A call qualifies when it is a causal self-attention with no mask and no dropout on 4-D
-inputs that need no gradient: `is_causal=True`, `attn_mask=None`, `dropout_p=0`. Every other
-call stays as it is, and each decision is recorded with its reason (`report()`).
+A call qualifies when it has no dropout, its 4-D inputs need no gradient, and it is either
+`is_causal=True` with no mask, or `is_causal=False` with a `[..., S, S]` mask that may be the
+causal one (transformers passes causal masks explicitly when traced). A masked call keeps its
+mask: the op checks it at run time and runs SampleAttention only if it is exactly causal, so
+padding or custom masks keep SDPA's answer. Every other call stays as it is, and each decision
+is recorded with its reason (`report()`).
 """
 
 from __future__ import annotations
@@ -64,11 +67,26 @@ def _sdpa_arguments(node: torch.fx.Node) -> dict[str, object]:
     return {**_SDPA_DEFAULTS, **bound}
 
 
+def _meta(node: object) -> torch.Tensor | None:
+    meta = getattr(node, "meta", {})
+    return meta.get("val", meta.get("example_value"))  # Dynamo graphs carry example_value
+
+
 def _skip_reason(args: dict[str, object]) -> str | None:
-    if args["attn_mask"] is not None:
-        return "attn_mask given (padding or a custom mask)"
-    if args["is_causal"] is not True:
-        return f"not causal (is_causal={args['is_causal']!r})"
+    mask = args["attn_mask"]
+    if mask is not None:
+        if args["is_causal"] is not False:
+            return "attn_mask with is_causal=True"
+        val = _meta(mask)
+        if not isinstance(val, torch.Tensor):
+            return "attn_mask has no shape information"
+        rows, columns = val.shape[-2:] if val.dim() >= 2 else (None, None)
+        if val.dim() < 2 or (isinstance(rows, int) and isinstance(columns, int) and rows != columns):
+            return "attn_mask is not [..., S, S] (not a causal self-attention mask)"
+        if val.dtype != torch.bool and not val.dtype.is_floating_point:
+            return f"attn_mask dtype {val.dtype}"
+    elif args["is_causal"] is not True:
+        return f"not causal (is_causal={args['is_causal']!r}) and no mask"
     if args["dropout_p"] != 0.0:
         return f"dropout_p={args['dropout_p']!r}"
     if not isinstance(args["scale"], (float, int, type(None))):
@@ -76,8 +94,7 @@ def _skip_reason(args: dict[str, object]) -> str | None:
     if not isinstance(args["enable_gqa"], bool):
         return "enable_gqa is not a constant"
     for name in ("query", "key", "value"):
-        meta = getattr(args[name], "meta", {})
-        val = meta.get("val", meta.get("example_value"))  # Dynamo graphs carry example_value
+        val = _meta(args[name])
         if val is None:
             return f"no shape information for {name}"
         if val.dim() != 4:
@@ -103,8 +120,8 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, config: SampleConfig) -> int:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.flexsample.sample_attention.default,
-                (args["query"], args["key"], args["value"], args["scale"], args["enable_gqa"],
-                 config_str),
+                (args["query"], args["key"], args["value"], args["attn_mask"], args["scale"],
+                 args["enable_gqa"], config_str),
             )  # fmt: skip
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)

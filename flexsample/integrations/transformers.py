@@ -1,8 +1,10 @@
 """transformers integration: `attn_implementation="flexsample"` after `register()`.
 
-Plain causal prefill (no mask, equal query and key lengths, no dropout) runs SampleAttention;
-everything else (padded batches, decode steps, cached chunks, dropout, softcap) runs
-transformers' own SDPA attention function unchanged, with all its shape handling.
+Plain causal prefill (equal query and key lengths, no dropout, and no mask or an exactly
+causal one, which transformers passes when it is traced) runs SampleAttention; a mask is
+checked at run time by the op the compiler pass also uses, so padded batches run SDPA with it. Everything else
+(decode steps, cached chunks, dropout, softcap) runs transformers' own SDPA attention
+function unchanged, with all its shape handling.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from flexsample.attention import sample_attention
+from flexsample.compile.op import config_to_str
 from flexsample.config import SampleConfig
 
 NAME = "flexsample"
@@ -21,6 +23,7 @@ NAME = "flexsample"
 def make_attention_forward(config: SampleConfig | None = None):
     """A transformers attention function (the `sdpa_attention_forward` signature) using config."""
     config = config or SampleConfig()
+    config_str = config_to_str(config)
 
     def flexsample_attention_forward(
         module: torch.nn.Module,
@@ -36,7 +39,6 @@ def make_attention_forward(config: SampleConfig | None = None):
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         plain_prefill = (
             causal
-            and attention_mask is None
             and dropout == 0.0
             and query.shape[2] > 1
             and query.shape[2] == key.shape[2]
@@ -49,7 +51,11 @@ def make_attention_forward(config: SampleConfig | None = None):
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                 is_causal=is_causal, **kwargs,
             )  # fmt: skip
-        out = sample_attention(query, key, value, config, scale=scaling, enable_gqa=True)
+        # Through the op, so that the sparse-or-dense decision is taken at run time under
+        # torch.compile too, on the real mask.
+        out = torch.ops.flexsample.sample_attention(
+            query, key, value, attention_mask, scaling, True, config_str
+        )
         return out.transpose(1, 2).contiguous(), None
 
     return flexsample_attention_forward

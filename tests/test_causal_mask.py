@@ -1,0 +1,54 @@
+"""The run-time check that an SDPA mask is exactly causal."""
+
+import pytest
+import torch
+
+from flexsample.compile import causal_mask
+from flexsample.compile.causal_mask import is_causal_mask
+
+
+def _causal(length, batch=1, heads=1):
+    return torch.ones(length, length, dtype=torch.bool).tril().expand(batch, heads, -1, -1)
+
+
+def _additive(mask, blocked):
+    return torch.zeros(mask.shape).masked_fill(~mask, blocked)
+
+
+@pytest.fixture(params=[1 << 26, 50], ids=["one-chunk", "many-chunks"])
+def chunk(request, monkeypatch):
+    monkeypatch.setattr(causal_mask, "_CHUNK_ELEMENTS", request.param)
+    monkeypatch.setattr(causal_mask, "_last", None)
+
+
+@pytest.mark.parametrize("length", [1, 2, 17, 130])
+def test_causal_masks_are_recognised(chunk, length):
+    assert is_causal_mask(_causal(length, batch=2, heads=3))
+    assert is_causal_mask(_causal(length).contiguous())
+    assert is_causal_mask(_additive(_causal(length), float("-inf")))
+    assert is_causal_mask(_additive(_causal(length), torch.finfo(torch.float32).min))
+    assert is_causal_mask(_additive(_causal(length), torch.finfo(torch.float32).min).half())
+
+
+@pytest.mark.parametrize("length", [2, 17, 130])
+def test_other_masks_are_not(chunk, length):
+    padded = _causal(length, batch=2).clone()
+    padded[1, :, :, 0] = False  # one padded key in the second sequence only
+    assert not is_causal_mask(padded)
+    window = _causal(length).clone()
+    window[..., -1, 0] = False
+    assert not is_causal_mask(window)
+    upper = _causal(length).clone()
+    upper[..., 0, -1] = True
+    assert not is_causal_mask(upper)
+    assert not is_causal_mask(_additive(_causal(length), -1e4))  # not a blocking value
+    assert not is_causal_mask(torch.ones(1, 1, length, length + 1, dtype=torch.bool))
+    assert not is_causal_mask(_causal(length).int())
+
+
+def test_answer_is_remembered_per_tensor_and_version():
+    mask = _causal(64).clone()
+    assert is_causal_mask(mask)
+    mask[..., 3, 1] = False  # in place: the version counter changes
+    assert not is_causal_mask(mask)
+    assert is_causal_mask(_causal(64).clone())
