@@ -81,7 +81,8 @@ def _skip_reason(args: dict[str, object]) -> str | None:
         if not isinstance(val, torch.Tensor):
             return "attn_mask has no shape information"
         rows, columns = val.shape[-2:] if val.dim() >= 2 else (None, None)
-        if val.dim() < 2 or (isinstance(rows, int) and isinstance(columns, int) and rows != columns):
+        known = isinstance(rows, int) and isinstance(columns, int)  # symbolic: decided at run time
+        if val.dim() < 2 or (known and rows != columns):
             return "attn_mask is not [..., S, S] (not a causal self-attention mask)"
         if val.dtype != torch.bool and not val.dtype.is_floating_point:
             return f"attn_mask dtype {val.dtype}"

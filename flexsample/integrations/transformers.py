@@ -2,9 +2,9 @@
 
 Plain causal prefill (equal query and key lengths, no dropout, and no mask or an exactly
 causal one, which transformers passes when it is traced) runs SampleAttention; a mask is
-checked at run time by the op the compiler pass also uses, so padded batches run SDPA with it. Everything else
-(decode steps, cached chunks, dropout, softcap) runs transformers' own SDPA attention
-function unchanged, with all its shape handling.
+checked at run time by the op the compiler pass also uses, so padded batches run SDPA with
+it. Everything else (decode steps, cached chunks, dropout, softcap) runs transformers' own
+SDPA attention function unchanged, with all its shape handling.
 """
 
 from __future__ import annotations
