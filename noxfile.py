@@ -44,12 +44,15 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """GPU benchmarks; each writes bench/results/<name>.md."""
-    session.run("python", "-m", "bench.mask_build", *session.posargs)
+    """GPU benchmarks; each writes bench/results/<name>.md (plots: `python -m bench.plot`)."""
+    for script in ("mask_build", "attention", "accuracy", "ttft"):
+        session.run("python", "-m", f"bench.{script}", *session.posargs)
 
 
 @nox.session(name="bench-cpu")
 def bench_cpu(session: nox.Session) -> None:
-    """CPU-sized runs of the benchmark scripts (small S), to keep them working."""
-    _install(session, "test,hf")
-    session.run("python", "-m", "bench.mask_build", "--cpu-smoke", *session.posargs)
+    """CPU-sized runs of the benchmark scripts (small S), to keep them working, and plots."""
+    _install(session, "test,hf,bench")
+    for script in ("mask_build", "attention", "accuracy"):
+        session.run("python", "-m", f"bench.{script}", "--cpu-smoke", *session.posargs)
+    session.run("python", "-m", "bench.plot", "--dir", "bench/results/cpu")

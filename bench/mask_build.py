@@ -15,18 +15,12 @@ import argparse
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.dense import dense_baselines
 from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
-from flexsample.mask import (
-    build_block_mask,
-    density,
-    kept_blocks,
-    select_stripes,
-)
+from flexsample.mask import build_block_mask, density, kept_blocks, select_stripes
 from flexsample.reference import true_cra
 from flexsample.scores import block_scores
 from flexsample.testing import structured_qkv
@@ -40,34 +34,6 @@ SWEEP_COLUMNS = [
     "S", "sample_ratio", "scores ms", "mask build ms", "sparse attn ms", "build/attn",
     "density", "CRA mean", "CRA worst head", "CRA p1",
 ]  # fmt: skip
-
-
-def _dense_baselines(q, k, v, config) -> dict[str, float]:
-    group = q.shape[1] // k.shape[1]
-    ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    row: dict[str, float] = {}
-    backends = {
-        "SDPA cuDNN ms": SDPBackend.CUDNN_ATTENTION,
-        "SDPA flash ms": SDPBackend.FLASH_ATTENTION,
-    }
-    for column, backend in backends.items():
-        try:
-            with sdpa_kernel(backend):
-                row[column] = time_ms(
-                    lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
-                )
-        except RuntimeError as err:  # backend unavailable for this dtype/device
-            progress(f"  {column}: {err}".splitlines()[0])
-    row["SDPA default ms"] = time_ms(
-        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    )
-    num_kv = -(-k.shape[2] // config.kv_block)
-    every_block = torch.ones(*q.shape[:2], num_kv, dtype=torch.bool, device=q.device)
-    dense_mask = build_block_mask(every_block, q.shape[2], config)
-    row["flex dense ms"] = time_ms(
-        lambda: attention_with_mask(q, k, v, dense_mask, enable_gqa=True)
-    )
-    return row
 
 
 def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
@@ -120,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         x = structured_qkv(1, heads, kv_heads, seq_len, dim, dtype=dtype, device=device)
         row = {"S": seq_len, **_measure(x.q, x.k, x.v, base, with_cra=False)}
         if device == "cuda":
-            row.update(_dense_baselines(x.q, x.k, x.v, base))
+            row.update(dense_baselines(x.q, x.k, x.v, base))
             for col, key in (("x vs cuDNN", "SDPA cuDNN ms"), ("x vs flash", "SDPA flash ms")):
                 if key in row:
                     row[col] = row[key] / row["total ms"]

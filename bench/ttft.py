@@ -1,10 +1,12 @@
 """Time to first token of a randomly initialised Llama-3-8B-shaped model (transformers, bf16).
 
-Modes: eager SDPA; torch.compile (inductor); torch.compile(backend=flexsample) at the default
-config; and flexsample at fixed densities. Random weights give near-uniform attention, so the
-default config keeps almost every block there; the fixed-density rows use alpha=1 with a cap
-on stripes (`max_stripe_ratio`) and a narrower window, and their density is measured on q/k of
-the same shape. Prefill only (use_cache=False), last-token logits (logits_to_keep=1).
+Modes: eager SDPA; torch.compile (inductor); torch.compile(backend=flexsample) at fixed
+densities (and at the default config with `--modes ... flexsample`). Random weights give
+near-uniform attention, so the default config keeps almost every block there; the
+fixed-density rows use alpha=1 with a window and a stripe cap (`bench.attention.fixed_density`),
+and their density is measured on q/k of the same shape. Each compiled mode is compiled once
+with a dynamic sequence length and serves every length. Prefill only (use_cache=False),
+last-token logits (logits_to_keep=1). Results are rewritten after every row.
 Writes bench/results/ttft.{md,json}. GPU: `python -m bench.ttft --lengths 32768 131072`.
 """
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 import flexsample
+from bench.attention import fixed_density
 from bench.harness import progress, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.compile import report, reset_report
@@ -24,11 +27,7 @@ from flexsample.mask import density
 
 COLUMNS = ["S", "mode", "density", "compile s", "prefill s", "x vs eager SDPA",
            "rewritten", "paths"]  # fmt: skip
-# (label, config): fixed-density configs cap stripes; alpha=1 makes the cap bind.
-FIXED = {
-    "flexsample ~10%": SampleConfig(alpha=1.0, window_ratio=0.02, max_stripe_ratio=0.03),
-    "flexsample ~20%": SampleConfig(alpha=1.0, window_ratio=0.04, max_stripe_ratio=0.06),
-}
+FIXED = {f"flexsample ~{round(100 * d)}%": fixed_density(d, SampleConfig()) for d in (0.1, 0.2)}
 
 
 def llama3_8b(layers: int, max_len: int):
@@ -73,34 +72,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["eager", "inductor", "flexsample", *FIXED])
+    parser.add_argument("--modes", nargs="+", default=["eager", *FIXED, "inductor"])
     parser.add_argument("--name", default="ttft")
     args = parser.parse_args(argv)
 
     model = llama3_8b(args.layers, max(args.lengths))
-    rows = []
-    for seq_len in args.lengths:
-        ids = torch.randint(0, 128256, (1, seq_len), device="cuda")
-        eager_s = None
-        for mode in args.modes:
-            torch._dynamo.reset()
+    rows, eager_s = [], {}
+    for mode in args.modes:
+        torch._dynamo.reset()
+        config = FIXED.get(mode, SampleConfig())
+        if mode == "eager":
+            fn = model
+        elif mode == "inductor":
+            fn = torch.compile(model, dynamic=True)
+        else:
+            fn = torch.compile(model, backend=flexsample.backend(config), dynamic=True)
+        for seq_len in args.lengths:
             reset_report()
             flexsample.path_counts.clear()
-            config = FIXED.get(mode, SampleConfig())
-            if mode == "eager":
-                fn = model
-            elif mode == "inductor":
-                fn = torch.compile(model)
-            else:
-                fn = torch.compile(model, backend=flexsample.backend(config))
+            ids = torch.randint(0, 128256, (1, seq_len), device="cuda")
             progress(f"S={seq_len} {mode}: running")
-            first, median = _time_prefill(fn, ids, args.repeats)
-            row = {"S": seq_len, "mode": mode, "prefill s": median,
-                   "compile s": first - median if mode != "eager" else 0.0}  # fmt: skip
+            row = {"S": seq_len, "mode": mode}
+            try:
+                first, median = _time_prefill(fn, ids, args.repeats)
+            except torch.OutOfMemoryError as err:
+                row["paths"] = f"out of memory: {str(err).splitlines()[0][:80]}"
+                rows.append(row)
+                progress(f"  {row['paths']}")
+                continue
+            finally:
+                del ids
+                torch.cuda.empty_cache()
+            row["prefill s"] = median
+            row["compile s"] = first - median if mode != "eager" else 0.0
             if mode == "eager":
-                eager_s = median
-            if eager_s:
-                row["x vs eager SDPA"] = eager_s / median
+                eager_s[seq_len] = median
+            if seq_len in eager_s:
+                row["x vs eager SDPA"] = eager_s[seq_len] / median
             if mode.startswith("flexsample"):
                 row["rewritten"] = report().rewritten
                 row["paths"] = " ".join(
@@ -109,14 +117,17 @@ def main(argv: list[str] | None = None) -> None:
                 row["density"] = _measured_density(config, seq_len) if mode in FIXED else "adaptive"
             rows.append(row)
             progress(f"  prefill {median:.3f}s (first call {first:.1f}s) {row.get('paths', '')}")
-        del ids
-        torch.cuda.empty_cache()
+            _write(args, rows)
+    print(open(_write(args, rows)).read())
 
+
+def _write(args: argparse.Namespace, rows: list[dict]):
     notes = [
         f"Model: random-init Llama-3-8B shape ({args.layers} layers, hidden 4096, Hq 32, Hkv 8, "
         "D 128, vocab 128256), bf16, transformers attn_implementation='sdpa' as the base.",
         f"Prefill times are medians of {args.repeats} calls after a first call; 'compile s' is "
-        "the first call minus the median.",
+        "the first call minus the median (compiled modes use dynamic=True: the first length "
+        "pays the compile, later lengths may pay a recompile).",
         "Default-config flexsample on random weights keeps nearly every block (near-uniform "
         "attention), so its row measures overhead, not the benefit on a trained model.",
         "Fixed-density rows: " + "; ".join(f"{k}: {v}" for k, v in FIXED.items()) + ". Their "
@@ -124,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "'paths' counts sample_attention calls by path over all calls (first + repeats), "
         "32 per forward.",
     ]
-    path = write_results(args.name, "Time to first token", [("TTFT", COLUMNS, rows)], notes)
-    print(open(path).read())
+    return write_results(args.name, "Time to first token", [("TTFT", COLUMNS, rows)], notes)
 
 
 if __name__ == "__main__":
