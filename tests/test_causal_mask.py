@@ -52,3 +52,11 @@ def test_answer_is_remembered_per_tensor_and_version():
     mask[..., 3, 1] = False  # in place: the version counter changes
     assert not is_causal_mask(mask)
     assert is_causal_mask(_causal(64).clone())
+
+
+def test_same_row_counts_in_other_places_are_not_causal():
+    mask = _causal(40).clone()
+    mask[..., 5, 2] = False
+    mask[..., 5, 6] = True  # row 5 still keeps 6 keys
+    assert mask[0, 0].sum(-1).tolist() == list(range(1, 41))
+    assert not is_causal_mask(mask)

@@ -85,17 +85,20 @@ def test_gpu_sample_attention_compiles_fullgraph_without_recompiles():
     from torch._dynamo.utils import counters
 
     config = SampleConfig(min_seq_len=0)
+    inputs, expected = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        inputs.append((q, k, v))
+        expected.append(sample_attention(q, k, v, config, enable_gqa=True))
+    # Counted after the eager calls: their own compiled flex_attention is a Dynamo graph too.
     torch._dynamo.reset()
     counters.clear()
     fn = torch.compile(
         lambda q, k, v: sample_attention(q, k, v, config, enable_gqa=True), fullgraph=True
     )
-    for seed in range(3):
-        torch.manual_seed(seed)
-        q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
-        out = fn(q, k, v)
-        eager = sample_attention(q, k, v, config, enable_gqa=True)
-        atol, rtol = OUTPUT_TOL[torch.bfloat16]
-        torch.testing.assert_close(out, eager, atol=atol, rtol=rtol)
+    atol, rtol = OUTPUT_TOL[torch.bfloat16]
+    for (q, k, v), eager in zip(inputs, expected, strict=True):
+        torch.testing.assert_close(fn(q, k, v), eager, atol=atol, rtol=rtol)
     assert counters["stats"]["unique_graphs"] == 1

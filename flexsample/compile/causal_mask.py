@@ -4,7 +4,8 @@ transformers builds an explicit mask instead of `is_causal=True` when it is trac
 does so for every causal model under torch.compile), so a compiled graph may pass a causal
 mask that is indistinguishable from a padding mask until run time. The op checks the real
 tensor, row chunk by row chunk so that no second S×S tensor is allocated, and remembers the
-answer for the tensor object it saw (all layers of one forward share it).
+answer for the tensor it saw: keyed by the live base tensor (compiled code hands each layer
+its own view of one buffer), the view's geometry and the shared version counter.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 #: Elements compared per step; bounds the temporaries of a check to a few hundred MiB.
 _CHUNK_ELEMENTS = 1 << 26
 
-_last: tuple[weakref.ref, int, bool] | None = None
+_last: tuple[weakref.ref, tuple, bool] | None = None
 
 
 def _blocked_values(dtype: torch.dtype) -> tuple[float, ...]:
@@ -31,16 +32,21 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
     head) is checked, so a padded batch is never taken for causal.
     """
     global _last
+    base = mask if mask._base is None else mask._base
+    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.dtype, mask._version)
     if _last is not None:
-        ref, version, answer = _last
-        if ref() is mask and version == mask._version:
+        ref, last_key, answer = _last
+        if ref() is base and last_key == key:
             return answer
     answer = _check(mask)
-    _last = (weakref.ref(mask), mask._version, answer)
+    _last = (weakref.ref(base), key, answer)
     return answer
 
 
 def _check(mask: torch.Tensor) -> bool:
+    """Row and column counts of kept entries only, two reductions and no comparison tensor:
+    a 0/1 matrix whose row counts are 1, 2, ..., S and column counts S, S-1, ..., 1 (the
+    conjugate partition) is unique (Gale-Ryser), so it is the causal one."""
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
@@ -49,16 +55,18 @@ def _check(mask: torch.Tensor) -> bool:
     if length == 0:
         return True
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (length * max(1, mask[..., 0, 0].numel())))
-    columns = torch.arange(length, device=mask.device)
+    index = torch.arange(length, device=mask.device)
     ok = torch.ones((), dtype=torch.bool, device=mask.device)
+    column_counts = torch.zeros(mask.shape[:-2] + (length,), dtype=torch.int64, device=mask.device)
     for start in range(0, length, rows_per_chunk):
-        rows = torch.arange(start, min(start + rows_per_chunk, length), device=mask.device)
-        causal = columns <= rows[:, None]
         chunk = mask[..., start : start + rows_per_chunk, :]
         if mask.dtype == torch.bool:
-            ok &= (chunk == causal).all()
+            kept = chunk
         else:
             low, lowest = _blocked_values(mask.dtype)
-            blocked = (chunk == low) | (chunk == lowest)
-            ok &= torch.where(causal, chunk == 0, blocked).all()
+            kept = chunk == 0
+            ok &= (kept | (chunk == low) | (chunk == lowest)).all()
+        ok &= (kept.sum(-1) == index[start : start + rows_per_chunk] + 1).all()
+        column_counts += kept.sum(-2)
+    ok &= (column_counts == length - index).all()
     return bool(ok)

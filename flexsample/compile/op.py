@@ -47,6 +47,7 @@ def sample_attention_op(
     `scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, ...)`, sparse only when the
     mask is exactly causal over equal lengths. Shapes `[B, H, S, D]`.
     """
+    result = _empty_like_query(q, v.shape[-1])
     equal_lengths = q.shape[-2] == k.shape[-2]
     if attn_mask is not None and not (equal_lengths and is_causal_mask(attn_mask)):
         path_counts["dense:mask"] += 1
@@ -59,10 +60,12 @@ def sample_attention_op(
             q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
         )
     else:
+        # transformers hands over transposed views ([B, S, H, D] memory); the score kernel
+        # and flex run ~1.5x slower on them at 128K (bench/op_path.py) than the copy costs.
         out = sample_attention(
-            q, k, v, _config_from_str(config), scale=scale, enable_gqa=enable_gqa
-        )
-    result = _empty_like_query(q, v.shape[-1])
+            *(t.contiguous() for t in (q, k, v)), _config_from_str(config), scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
     return out if out.stride() == result.stride() else result.copy_(out)
 
 
