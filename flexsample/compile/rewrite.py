@@ -80,10 +80,13 @@ def _skip_reason(args: dict[str, object]) -> str | None:
         val = _meta(mask)
         if not isinstance(val, torch.Tensor):
             return "attn_mask has no shape information"
-        rows, columns = val.shape[-2:] if val.dim() >= 2 else (None, None)
-        known = isinstance(rows, int) and isinstance(columns, int)  # symbolic: decided at run time
-        if val.dim() < 2 or (known and rows != columns):
-            return "attn_mask is not [..., S, S] (not a causal self-attention mask)"
+        not_square = "attn_mask is not [..., S, S] (not a causal self-attention mask)"
+        if val.dim() < 2:
+            return not_square
+        rows, columns = val.shape[-2:]
+        # Symbolic sizes are left to the op's run-time check (comparing them would add guards).
+        if isinstance(rows, int) and isinstance(columns, int) and rows != columns:
+            return not_square
         if val.dtype != torch.bool and not val.dtype.is_floating_point:
             return f"attn_mask dtype {val.dtype}"
     elif args["is_causal"] is not True:
