@@ -1,8 +1,9 @@
-"""PNG plots from the benchmark JSON files: `python -m bench.plot [attention ttft accuracy]`.
+"""PNG plots from the benchmark JSON files: `python -m bench.plot [attention ttft accuracy niah]`.
 
 attention: speedup of flexsample's total (mask build + sparse attention) over SDPA cuDNN vs
 S, one line per config; ttft: prefill speedup over eager SDPA vs S, one line per mode;
-accuracy: true CRA and output error vs density, one marker per method.
+accuracy: true CRA and output error vs density, one marker per method; niah: exact-match
+heat maps, needle depth x context length, one per method.
 """
 
 from __future__ import annotations
@@ -78,6 +79,35 @@ def accuracy(directory: pathlib.Path) -> pathlib.Path:
     return _save(fig, directory / "accuracy.png")
 
 
+def niah(directory: pathlib.Path, name: str = "niah") -> pathlib.Path:
+    data = json.loads((directory / f"{name}.json").read_text())
+    rows = data["tables"][1]["rows"]  # by length and depth
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    lengths = sorted({row["S"] for row in rows})
+    depths = sorted({row["depth"] for row in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6),
+                             squeeze=False)  # fmt: skip
+    for ax, method in zip(axes[0], methods, strict=True):
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for row in rows:
+            if row["method"] == method:
+                grid[depths.index(row["depth"])][lengths.index(row["S"])] = row["accuracy"]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}K" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("context length")
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact match")
+    fig.suptitle(f"Needle in a haystack ({_subtitle(data['environment'])})", fontsize=9)
+    fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return directory / f"{name}.png"
+
+
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -85,7 +115,7 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-PLOTS = {"attention": attention, "ttft": ttft, "accuracy": accuracy}
+PLOTS = {"attention": attention, "ttft": ttft, "accuracy": accuracy, "niah": niah}
 
 
 def main(argv: list[str] | None = None) -> None:

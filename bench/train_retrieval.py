@@ -1,0 +1,176 @@
+"""Train a small Llama-architecture model to retrieve a key's value from a long haystack.
+
+The task is `bench.retrieval`'s grammar: up to `--max-needles` needles ("the pass key of
+<key> is <value> .") at random sentence boundaries of filler text, then every key asked at the
+end; the loss is on the answers only. Solving it needs attention from the end of the context
+to the needle wherever it is (an induction-like circuit over three tokens), the pattern
+needle-in-a-haystack tests. Lengths grow over the run (a curriculum: short sequences teach
+the circuit cheaply, long ones make it sharp enough for 16K), with about the same tokens per
+step. Then it saves the model (`save_pretrained`) with its tokenizer and evaluates dense
+retrieval accuracy by length and depth on single-needle prompts (`bench.retrieval.niah_prompt`,
+the prompts `bench/niah.py` uses), written to bench/results/<name>.{md,json}.
+
+GPU: `python -m bench.train_retrieval --out /tmp/retrieval --minutes 6`.
+CPU smoke run: `python -m bench.train_retrieval --cpu-smoke --out /tmp/retrieval-tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from bench.harness import RESULTS, progress, write_results
+from bench.retrieval import build_tokenizer, niah_prompt, training_example
+
+EVAL_COLUMNS = ["S", "depth", "samples", "accuracy"]
+
+
+def model_config(vocab_size: int, max_len: int, *, tiny: bool):
+    """Llama architecture (RoPE, GQA 2:1, SwiGLU); `tiny` for CPU tests."""
+    from transformers import LlamaConfig
+
+    width = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, num_hidden_layers=3) if tiny else dict(  # fmt: skip
+        hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4,
+        num_hidden_layers=4,
+    )
+    return LlamaConfig(
+        vocab_size=-(-vocab_size // 64) * 64, max_position_embeddings=max_len,
+        rope_theta=100000.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3, **width,
+    )  # fmt: skip
+
+
+def curriculum(max_len: int) -> list[tuple[int, float]]:
+    """(sequence length, share of the training time) from 512 tokens up to `max_len`."""
+    lengths = [n for n in (512, 2048, 8192) if n < max_len] + [max_len]
+    shares = [0.35, 0.25, 0.2][: len(lengths) - 1]
+    return list(zip(lengths, [*shares, 1.0 - sum(shares)], strict=True))
+
+
+def batch(rng, vocab, length: int, size: int, max_needles: int, device):
+    most = max(1, min(max_needles, length // 64))
+    examples = [training_example(rng, vocab, length, int(rng.integers(1, most + 1)))
+                for _ in range(size)]  # fmt: skip
+    ids, labels = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*examples, strict=True))
+    return ids, labels
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, lengths, depths, samples: int, device, seed: int = 10_000):
+    """Dense retrieval accuracy (greedy next token = the value) per (length, depth)."""
+    model.eval()
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            prompts = [niah_prompt(tokenizer, length, depth, seed + i) for i in range(samples)]
+            hits = 0
+            for start in range(0, samples, 4):
+                chunk = prompts[start : start + 4]
+                ids = torch.tensor([p for p, _ in chunk], device=device)
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+                predicted = tokenizer.batch_decode(logits.argmax(-1)[:, None])
+                answers = [answer for _, answer in chunk]
+                hits += sum(p.strip() == a for p, a in zip(predicted, answers, strict=True))
+            rows.append({"S": length, "depth": depth, "samples": samples,
+                         "accuracy": hits / samples})  # fmt: skip
+            progress(f"  eval S={length} depth={depth}: {hits}/{samples}")
+    model.train()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for save_pretrained")
+    parser.add_argument("--max-len", type=int, default=16384)
+    parser.add_argument("--minutes", type=float, default=6.0, help="training time budget")
+    parser.add_argument("--tokens-per-step", type=int, default=65536)
+    parser.add_argument("--max-needles", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="train_retrieval")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, short run, CPU")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    if args.cpu_smoke:
+        args.max_len, args.tokens_per_step, args.max_needles = 512, 2048, 4
+        args.eval_lengths, args.samples = [256, 512], 4
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(args.seed)
+    config = model_config(len(vocab), args.max_len, tiny=args.cpu_smoke)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    params = sum(p.numel() for p in model.parameters())
+    progress(f"model: {params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
+                                  betas=(0.9, 0.95))  # fmt: skip
+    rng = np.random.default_rng(args.seed)
+    budget_s = args.minutes * 60
+    start = time.perf_counter()
+    steps, log = 0, []
+    for length, share in curriculum(args.max_len):
+        stage_end = time.perf_counter() + share * budget_s
+        size = max(1, args.tokens_per_step // length)
+        while time.perf_counter() < stage_end:
+            elapsed = (time.perf_counter() - start) / budget_s
+            lr = args.lr * min(1.0, (steps + 1) / 100) * (0.1 + 0.9 * math.cos(
+                0.5 * math.pi * min(elapsed, 1.0)))  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids, labels = batch(rng, vocab, length, size, args.max_needles, device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(input_ids=ids, labels=labels)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if steps % 50 == 0:
+                log.append((steps, length, out.loss.item()))
+                progress(f"step {steps} S={length} loss {out.loss.item():.3f} lr {lr:.2e} "
+                         f"{time.perf_counter() - start:.0f}s")  # fmt: skip
+    train_s = time.perf_counter() - start
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    progress(f"saved to {args.out} after {steps} steps, {train_s:.0f}s")
+    rows = evaluate(model, tokenizer, args.eval_lengths, args.depths, args.samples, device)
+    summary = []
+    for length in args.eval_lengths:
+        mine = [r for r in rows if r["S"] == length]
+        summary.append({"S": length, "depth": "all", "samples": sum(r["samples"] for r in mine),
+                        "accuracy": float(np.mean([r["accuracy"] for r in mine]))})  # fmt: skip
+    notes = [
+        f"Model: LlamaForCausalLM {params / 1e6:.1f}M parameters: {config.num_hidden_layers} "
+        f"layers, hidden {config.hidden_size}, Hq {config.num_attention_heads}, Hkv "
+        f"{config.num_key_value_heads}, rope {config.rope_parameters}, vocab "
+        f"{config.vocab_size} (word-level tokenizer of bench/retrieval.py), random init, seed "
+        f"{args.seed}.",
+        f"Training: {steps} steps in {train_s:.0f} s, curriculum {curriculum(args.max_len)} "
+        f"(length, share of time), {args.tokens_per_step} tokens per step, 1..{args.max_needles} "
+        f"needles per sequence, AdamW lr {args.lr} (warm-up, cosine to 10%), bf16 autocast on "
+        "CUDA, loss on the questions and answers. Last logged (step, length, loss): "
+        f"{log[-3:] if log else 'none'}.",
+        "Eval: single-needle prompts from bench.retrieval.niah_prompt (seeds 10000+), dense "
+        "SDPA, greedy next token must equal the value.",
+    ]
+    tables = [("Dense retrieval accuracy by length", EVAL_COLUMNS, summary),
+              ("By length and depth", EVAL_COLUMNS, rows)]  # fmt: skip
+    out_dir = RESULTS / "cpu" if args.cpu_smoke else RESULTS
+    path = write_results(args.name, "Retrieval model: training and dense accuracy", tables,
+                         notes, out_dir)  # fmt: skip
+    print(open(path).read())
+
+
+if __name__ == "__main__":
+    main()
