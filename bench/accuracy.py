@@ -76,6 +76,23 @@ def main(argv: list[str] | None = None) -> None:
                  f"CRA={row['CRA mean']:.4f} worst={row['CRA worst head']:.4f} "
                  f"err={row['err mean']:.4f}")  # fmt: skip
 
+    def write(rows: list[dict]):
+        notes = [
+            f"Inputs: flexsample.testing.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
+            f"D={dim}, {dtype}; head kinds local/stripe/diffuse in turn.",
+            f"Base config: {base}; rows vary alpha and sample_ratio.",
+            "Baselines are matched per head to flexsample's density at the default sample ratio "
+            "(the smallest mask of their pattern at or above it, so their density is never "
+            "lower); every method keeps the diagonal blocks.",
+            "CRA: true CRA of DESIGN §1 (share of a row's full causal attention mass kept), mean "
+            f"over rows then heads; over every row for S <= {args.all_rows_upto}, else over 4096 "
+            "evenly spaced rows. 'CRA p1' is the 1st percentile over all (head, row) pairs.",
+            "err: ||out - dense|| / ||dense|| per head (dense = SDPA is_causal, same dtype), max "
+            "and mean over heads.",
+        ]
+        return write_results("accuracy", "Accuracy at equal density",
+                             [("Accuracy", COLUMNS, rows)], notes, out_dir)  # fmt: skip
+
     for seq_len in lengths:
         progress(f"S={seq_len}: inputs, dense attention, exact column mass")
         x = structured_qkv(1, heads, kv_heads, seq_len, dim, dtype=dtype, device=device)
@@ -100,25 +117,12 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 for method, keep in baselines.items():
                     record(seq_len, alpha, ratio, method, evaluate(x, keep, dense, config, rows))
+        write(rows_out)  # after every length, so a stopped run keeps what it measured
         del x, dense, mass
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    notes = [
-        f"Inputs: flexsample.testing.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
-        f"D={dim}, {dtype}; head kinds local/stripe/diffuse in turn.",
-        f"Base config: {base}; rows vary alpha and sample_ratio.",
-        "Baselines are matched per head to flexsample's density at the default sample ratio "
-        "(the smallest mask of their pattern at or above it, so their density is never "
-        "lower); every method keeps the diagonal blocks.",
-        "CRA: true CRA of DESIGN §1 (share of a row's full causal attention mass kept), mean "
-        f"over rows then heads; over every row for S <= {args.all_rows_upto}, else over 4096 "
-        "evenly spaced rows. 'CRA p1' is the 1st percentile over all (head, row) pairs.",
-        "err: ||out - dense|| / ||dense|| per head (dense = SDPA is_causal, same dtype), max "
-        "and mean over heads.",
-    ]
-    path = write_results("accuracy", "Accuracy at equal density", [("Accuracy", COLUMNS, rows_out)],
-                         notes, out_dir)  # fmt: skip
+    path = write(rows_out)
     print(open(path).read())
 
 
