@@ -15,9 +15,12 @@ def _additive(mask, blocked):
     return torch.zeros(mask.shape).masked_fill(~mask, blocked)
 
 
-@pytest.fixture(params=[1 << 26, 50], ids=["one-chunk", "many-chunks"])
+@pytest.fixture(params=[1 << 26, 50, "triton"], ids=["one-chunk", "many-chunks", "kernel"])
 def chunk(request, monkeypatch):
-    monkeypatch.setattr(causal_mask, "_CHUNK_ELEMENTS", request.param)
+    if request.param == "triton":  # the CUDA path, in Triton's interpreter on CPU
+        monkeypatch.setattr(causal_mask, "KERNEL", "triton")
+    else:
+        monkeypatch.setattr(causal_mask, "_CHUNK_ELEMENTS", request.param)
     monkeypatch.setattr(causal_mask, "_last", None)
 
 

@@ -3,9 +3,10 @@
 transformers builds an explicit mask instead of `is_causal=True` when it is traced (5.17
 does so for every causal model under torch.compile), so a compiled graph may pass a causal
 mask that is indistinguishable from a padding mask until run time. The op checks the real
-tensor, row chunk by row chunk so that no second S×S tensor is allocated, and remembers the
-answer for the tensor it saw: keyed by the live base tensor (compiled code hands each layer
-its own view of one buffer), the view's geometry and the shared version counter.
+tensor (on CUDA with a Triton kernel at memory speed, elsewhere row chunk by row chunk so
+that no second S×S tensor is allocated) and remembers the answer for the tensor it saw: keyed
+by the live base tensor (compiled code may hand each layer its own view of one buffer), the
+view's geometry and the shared version counter.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 import weakref
 
 import torch
+
+#: "auto" (the Triton kernel for CUDA masks of up to 4 dims), "triton" or "torch"; tests
+#: force the kernel on CPU in Triton's interpreter.
+KERNEL = "auto"
 
 #: Elements compared per step; bounds the temporaries of a check to a few hundred MiB.
 _CHUNK_ELEMENTS = 1 << 26
@@ -54,6 +59,10 @@ def _check(mask: torch.Tensor) -> bool:
     length = mask.shape[-1]
     if length == 0:
         return True
+    if KERNEL == "triton" or (KERNEL == "auto" and mask.is_cuda and mask.dim() <= 4):
+        from flexsample.kernels.causal_check import triton_is_causal
+
+        return triton_is_causal(mask)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (length * max(1, mask[..., 0, 0].numel())))
     index = torch.arange(length, device=mask.device)
     ok = torch.ones((), dtype=torch.bool, device=mask.device)
