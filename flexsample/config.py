@@ -22,10 +22,10 @@ class SampleConfig:
 
     alpha: CRA threshold; the kept share of sampled attention mass, in (0, 1]. Paper default.
     window_ratio: local window as a fraction of the sequence length, in [0, 1]. Paper: 8%.
-    sample_ratio: share of query rows sampled in stage 1, in (0, 1]. 1%: on the H100 at
-        64K/128K it keeps the mask build under 10% of the sparse attention (8.7%/6.8%, vs
-        12.4%/9.9% at 2%) with the same true CRA on structured inputs
-        (bench/results/mask_build.md, sample-ratio table).
+    sample_ratio: share of query rows sampled in stage 1, in (0, 1]. 1%: on the H100 the
+        mask build is 9.7% of the sparse attention at 128K and 12.4% at 64K (0.5%: 6.7% and
+        11.4%; 2%: 14.6% and 18%), with the same true CRA on structured inputs from 0.5% to
+        2% (bench/results/mask_build.md, sample-ratio table).
     min_sample_rows: lower bound on the number of sampled rows (short sequences).
     sample_block: rows per contiguous sampled tile; 1 gives evenly strided rows.
     q_block, kv_block: block sizes of the mask (FlexAttention's BLOCK_SIZE).
