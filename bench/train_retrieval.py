@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from bench.harness import RESULTS, progress, write_results
-from bench.retrieval import build_tokenizer, niah_prompt, training_example
+from bench.retrieval import VALUES, build_tokenizer, niah_prompt, training_example
 
 EVAL_COLUMNS = ["S", "depth", "samples", "accuracy"]
+LOG_COLUMNS = ["step", "S", "seconds", "loss", "answer accuracy"]
 
 
 def model_config(vocab_size: int, max_len: int, *, tiny: bool):
@@ -50,6 +51,14 @@ def curriculum(max_len: int) -> list[tuple[int, float]]:
     lengths = [n for n in (512, 2048, 8192) if n < max_len] + [max_len]
     shares = [0.35, 0.25, 0.2][: len(lengths) - 1]
     return list(zip(lengths, [*shares, 1.0 - sum(shares)], strict=True))
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, value_ids: torch.Tensor) -> float:
+    """Share of the batch's answers (labels that are values) predicted by the argmax."""
+    target = labels[:, 1:]
+    answers = torch.isin(target, value_ids)
+    hits = (logits[:, :-1].argmax(-1) == target) & answers
+    return (hits.sum() / answers.sum().clamp(min=1)).item()
 
 
 def batch(rng, vocab, length: int, size: int, max_needles: int, device):
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         args.eval_lengths, args.samples = [256, 512], 4
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
+    value_ids = torch.tensor([vocab[v] for v in VALUES], device=device)
     torch.manual_seed(args.seed)
     config = model_config(len(vocab), args.max_len, tiny=args.cpu_smoke)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
@@ -137,9 +147,12 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad(set_to_none=True)
             steps += 1
             if steps % 50 == 0:
-                log.append((steps, length, out.loss.item()))
-                progress(f"step {steps} S={length} loss {out.loss.item():.3f} lr {lr:.2e} "
-                         f"{time.perf_counter() - start:.0f}s")  # fmt: skip
+                entry = {"step": steps, "S": length, "seconds": time.perf_counter() - start,
+                         "loss": out.loss.item(),
+                         "answer accuracy": answer_accuracy(out.logits, labels, value_ids)}
+                log.append(entry)
+                progress(f"step {steps} S={length} loss {entry['loss']:.3f} answers "
+                         f"{entry['answer accuracy']:.3f} lr {lr:.2e} {entry['seconds']:.0f}s")
     train_s = time.perf_counter() - start
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -159,13 +172,14 @@ def main(argv: list[str] | None = None) -> None:
         f"Training: {steps} steps in {train_s:.0f} s, curriculum {curriculum(args.max_len)} "
         f"(length, share of time), {args.tokens_per_step} tokens per step, 1..{args.max_needles} "
         f"needles per sequence, AdamW lr {args.lr} (warm-up, cosine to 10%), bf16 autocast on "
-        "CUDA, loss on the questions and answers. Last logged (step, length, loss): "
-        f"{log[-3:] if log else 'none'}.",
+        "CUDA, loss on the questions and answers; 'answer accuracy' in the log is the argmax "
+        "hit rate on the training batch's answers.",
         "Eval: single-needle prompts from bench.retrieval.niah_prompt (seeds 10000+), dense "
         "SDPA, greedy next token must equal the value.",
     ]
     tables = [("Dense retrieval accuracy by length", EVAL_COLUMNS, summary),
-              ("By length and depth", EVAL_COLUMNS, rows)]  # fmt: skip
+              ("By length and depth", EVAL_COLUMNS, rows),
+              ("Training log", LOG_COLUMNS, log)]  # fmt: skip
     out_dir = RESULTS / "cpu" if args.cpu_smoke else RESULTS
     path = write_results(args.name, "Retrieval model: training and dense accuracy", tables,
                          notes, out_dir)  # fmt: skip
