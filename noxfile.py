@@ -1,4 +1,5 @@
-"""nox sessions: tests (CPU suite), props (hypothesis, many examples), lint, gpu, bench, bench-cpu.
+"""nox sessions: tests (CPU suite), props (hypothesis, many examples), lint, gpu, bench, niah,
+bench-cpu.
 
 Every session installs torch==2.13.0 first (a CPU build here; a GPU machine already has its
 own torch, which `--no-deps`-free installs keep as long as it satisfies torch>=2.11).
@@ -47,6 +48,18 @@ def bench(session: nox.Session) -> None:
     """GPU benchmarks; each writes bench/results/<name>.md (plots: `python -m bench.plot`)."""
     for script in ("mask_build", "attention", "accuracy", "ttft"):
         session.run("python", "-m", f"bench.{script}", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def niah(session: nox.Session) -> None:
+    """GPU: train the retrieval model, then needle-in-a-haystack on it (or `-- --model PATH`
+    to test a checkpoint of your own)."""
+    if session.posargs:
+        session.run("python", "-m", "bench.niah", *session.posargs)
+        return
+    out = "bench/checkpoints/retrieval"
+    session.run("python", "-m", "bench.train_retrieval", "--out", out)
+    session.run("python", "-m", "bench.niah", "--model", out)
 
 
 @nox.session(name="bench-cpu")
