@@ -2,8 +2,8 @@
 prompts, all generated from seeds (no downloads).
 
 A haystack is filler sentences of made-up words. A needle is the sentence
-"the pass key of <key> is <value> ." put between two sentences; the question
-"what is the pass key of <key> ? the pass key of <key> is" must be answered with <value>.
+"the pass key of <key>: <value> ." put between two sentences; the question
+"what is the pass key of <key> ? the pass key of <key>:" must be answered with <value>.
 One grammar serves both the retrieval model we train (`bench/train_retrieval.py`: several
 needles, all asked at the end, loss on the questions and answers) and needle-in-a-haystack
 prompts for any tokenizer (`bench/niah.py`: one needle at a given depth, length counted in
@@ -33,14 +33,22 @@ SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eo
 SENTENCE_WORDS = (4, 12)
 
 
+def labelled(key: str) -> str:
+    """The key as it stands right before its value ("sukabe:"), one word and one token of
+    the word-level tokenizer: answering is then copying the word that followed the same
+    token earlier (an induction head), which a small model learns far sooner than matching
+    a key two tokens back."""
+    return key + ":"
+
+
 def needle(key: str, value: str) -> list[str]:
-    return ["the", "pass", "key", "of", key, "is", value, "."]
+    return ["the", "pass", "key", "of", labelled(key), value, "."]
 
 
 def question(key: str) -> list[str]:
     """The question; the answer (the value) is the next word."""
-    return ["what", "is", "the", "pass", "key", "of", key, "?", "the", "pass", "key", "of", key,
-            "is"]  # fmt: skip
+    return ["what", "is", "the", "pass", "key", "of", key, "?", "the", "pass", "key", "of",
+            labelled(key)]  # fmt: skip
 
 
 def filler_sentence(rng: random.Random) -> list[str]:
@@ -53,7 +61,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [*SPECIAL.values(), *TEMPLATE, *FILLER, *KEYS, *VALUES]
+    words = [*SPECIAL.values(), *TEMPLATE, *FILLER, *KEYS, *map(labelled, KEYS), *VALUES]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(cleanup=False)  # joins words with spaces

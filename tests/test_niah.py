@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from bench import niah, train_retrieval
-from bench.retrieval import KEYS, VALUES, build_tokenizer, niah_prompt, training_example
+from bench.retrieval import (
+    KEYS,
+    VALUES,
+    build_tokenizer,
+    labelled,
+    niah_prompt,
+    training_example,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,10 +25,9 @@ def tokenizer():
 
 
 def _needle_value(ids: list[int], key_id: int, tok) -> list[int]:
-    """Values v of every needle '... of key is v .' in ids (the pattern key, 'is', v, '.')."""
-    is_id, dot = tok.convert_tokens_to_ids(["is", "."])
-    return [ids[i + 2] for i in range(len(ids) - 3)
-            if ids[i] == key_id and ids[i + 1] == is_id and ids[i + 3] == dot]  # fmt: skip
+    """Values v of every needle '... of key: v .' in ids (key_id is the 'key:' token)."""
+    dot = tok.convert_tokens_to_ids(".")
+    return [ids[i + 1] for i in range(len(ids) - 2) if ids[i] == key_id and ids[i + 2] == dot]
 
 
 @pytest.mark.parametrize("length", [200, 1000, 4097])
@@ -33,13 +39,13 @@ def test_niah_prompt_is_exact_length_deterministic_and_answerable(tokenizer, len
     assert niah_prompt(tokenizer, length, depth, seed=4) != (ids, answer)
     assert ids[0] == tokenizer.bos_token_id
     words = tokenizer.decode(ids).split()
-    key = words[-2]
-    assert key in KEYS and answer in VALUES
+    key = words[-1]
+    assert key.removesuffix(":") in KEYS and answer in VALUES
     assert _needle_value(ids, tokenizer.convert_tokens_to_ids(key), tokenizer) == [
         tokenizer.convert_tokens_to_ids(answer)
     ]
     start = next(i for i in range(len(words)) if words[i : i + 4] == ["the", "pass", "key", "of"])
-    budget = length - 1 - 8 - 14  # filler tokens: all but BOS, needle and question
+    budget = length - 1 - 7 - 13  # filler tokens: all but BOS, needle and question
     assert abs(start - 1 - depth * budget) <= 13  # the nearest sentence boundary
 
 
@@ -58,13 +64,12 @@ def test_training_example_answers_are_the_needles_values(tokenizer):
     assert ids.shape == labels.shape == (2048,)
     tail = np.nonzero(labels != -100)[0]
     assert np.array_equal(labels[tail], ids[tail]) and tail[-1] == 2047
-    is_id = tokenizer.convert_tokens_to_ids("is")
-    keys = set(tokenizer.convert_tokens_to_ids(KEYS))
-    positions = [p for p in tail if ids[p - 1] == is_id and ids[p - 2] in keys]
+    keys = set(tokenizer.convert_tokens_to_ids([labelled(k) for k in KEYS]))
+    positions = [p for p in tail if ids[p - 1] in keys]
     assert len(positions) == 6
     for p in positions:
-        key = ids[p - 2]  # "... of <key> is" then the answer
-        assert _needle_value(list(ids[: positions[0] - 14]), key, tokenizer) == [labels[p]]
+        key = ids[p - 1]  # "... of <key>:" then the answer
+        assert _needle_value(list(ids[: positions[0] - 13]), key, tokenizer) == [labels[p]]
     # The fast id path is the tokenizer's encoding of the same words.
     text = tokenizer.decode(ids)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids.tolist()
