@@ -33,6 +33,7 @@ from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask, dense_reason
 from flexsample.baselines import window_sink
 from flexsample.compile import report, reset_report
+from flexsample.compile.causal_mask import is_causal_mask
 from flexsample.mask import density, keep_block_mask
 
 METHODS = ("dense", "compile", "attn", "window-sink")
@@ -51,9 +52,16 @@ class DensityLog:
         return sum(self.values) / len(self.values) if self.values else "dense"
 
 
-def _plain_prefill(query, key, dropout, kwargs) -> bool:
-    return (dropout == 0.0 and query.shape[2] > 1 and query.shape[2] == key.shape[2]
-            and kwargs.get("softcap") is None)  # fmt: skip
+def _sparse_applies(module, query, key, mask, dropout, config, kwargs) -> bool:
+    """Whether the package's attention function takes the sparse path for this call: a plain
+    prefill, long enough, with no mask or an exactly causal one (else SDPA with the mask)."""
+    from flexsample.integrations.transformers import is_plain_prefill
+
+    return (
+        is_plain_prefill(module, query, key, dropout, kwargs.get("is_causal"), kwargs)
+        and dense_reason(query, key, config) is None
+        and (mask is None or is_causal_mask(mask))
+    )
 
 
 def recording_flexsample(config: SampleConfig, log: DensityLog):
@@ -63,7 +71,7 @@ def recording_flexsample(config: SampleConfig, log: DensityLog):
     inner = make_attention_forward(config)
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        if _plain_prefill(query, key, dropout, kw) and dense_reason(query, key, config) is None:
+        if _sparse_applies(module, query, key, attention_mask, dropout, config, kw):
             log.values.append(density(sample_block_mask(query, key, config, scale=scaling))
                               .mean().item())  # fmt: skip
         return inner(module, query, key, value, attention_mask, dropout, scaling, **kw)
@@ -72,12 +80,12 @@ def recording_flexsample(config: SampleConfig, log: DensityLog):
 
 
 def window_sink_attention(config: SampleConfig, log: DensityLog):
-    """Window + sink at flexsample's per-head density on the same q/k; dense where flexsample
-    would be dense (short prompts, decode steps)."""
+    """Window + sink at flexsample's per-head density on the same q/k; dense SDPA wherever
+    flexsample would be dense (short prompts, decode steps, padding masks)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        if not _plain_prefill(query, key, dropout, kw) or dense_reason(query, key, config):
+        if not _sparse_applies(module, query, key, attention_mask, dropout, config, kw):
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           dropout=dropout, scaling=scaling, **kw)  # fmt: skip
         seq_len = query.shape[2]

@@ -122,3 +122,25 @@ def test_niah_runs_every_method_end_to_end(tmp_path, tokenizer):
 def test_answer_of_takes_the_first_number():
     assert niah.answer_of(" 4821 . the") == "4821"
     assert niah.answer_of("the pass key") is None
+
+
+def test_window_sink_baseline_keeps_padding_masks_dense():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from flexsample import SampleConfig
+
+    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16)
+    log = niah.DensityLog()
+    forward = niah.window_sink_attention(config, log)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    padded = torch.ones(64, 64, dtype=torch.bool).tril()[None, None].clone()
+    padded[..., :3] = False  # three left-padded keys
+    padded[..., :3, 0] = True  # padded rows keep one key, as transformers does
+    out, _ = forward(module, q, k, v, padded)
+    want, _ = sdpa_attention_forward(module, q, k, v, padded)
+    assert torch.equal(out, want) and log.values == []
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()[None, None]
+    forward(module, q, k, v, causal)
+    assert len(log.values) == 1  # exactly causal: the sparse baseline ran

@@ -49,9 +49,10 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
 
 
 def _check(mask: torch.Tensor) -> bool:
-    """Row and column counts of kept entries only, two reductions and no comparison tensor:
-    a 0/1 matrix whose row counts are 1, 2, ..., S and column counts S, S-1, ..., 1 (the
-    conjugate partition) is unique (Gale-Ryser), so it is the causal one."""
+    """On CUDA (masks of up to 4 dims) every entry, in one read, by the Triton kernel.
+    Elsewhere row and column counts of kept entries only, two reductions and no comparison
+    tensor: a 0/1 matrix whose row counts are 1, 2, ..., S and column counts S, S-1, ..., 1
+    (the conjugate partition) is unique (Gale-Ryser), so it is the causal one."""
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:

@@ -20,6 +20,28 @@ from flexsample.config import SampleConfig
 NAME = "flexsample"
 
 
+def is_plain_prefill(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    dropout: float,
+    is_causal: bool | None,
+    kwargs: dict,
+) -> bool:
+    """A causal prefill with nothing SampleAttention lacks: query `[B, H, S, D]` as long as
+    key (S > 1), no dropout, softcap, position bias or returned attention weights."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(
+        causal
+        and dropout == 0.0
+        and query.shape[2] > 1
+        and query.shape[2] == key.shape[2]
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions", False)
+    )
+
+
 def make_attention_forward(config: SampleConfig | None = None):
     """A transformers attention function (the `sdpa_attention_forward` signature) using config."""
     config = config or SampleConfig()
@@ -36,17 +58,7 @@ def make_attention_forward(config: SampleConfig | None = None):
         is_causal: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        plain_prefill = (
-            causal
-            and dropout == 0.0
-            and query.shape[2] > 1
-            and query.shape[2] == key.shape[2]
-            and kwargs.get("softcap") is None
-            and kwargs.get("position_bias") is None
-            and not kwargs.get("output_attentions", False)
-        )
-        if not plain_prefill:
+        if not is_plain_prefill(module, query, key, dropout, is_causal, kwargs):
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                 is_causal=is_causal, **kwargs,
