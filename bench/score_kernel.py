@@ -1,6 +1,6 @@
 """Stage-1 score kernel: launch parameters swept on the Llama-3-8B shape, with achieved TFLOP/s.
 
-Work counted: two QK^T passes over the sampled rows, each row against its causal prefix.
+Work counted: one QK^T pass over the sampled rows, each row against its causal prefix.
 Writes bench/results/score_kernel.{md,json}. GPU only: `python -m bench.score_kernel`.
 """
 
@@ -16,38 +16,45 @@ from flexsample import SampleConfig
 from flexsample.kernels import sampling
 from flexsample.testing import structured_qkv
 
-COLUMNS = ["S", "sample_ratio", "num_warps", "num_stages", "ms", "TFLOP/s"]
+COLUMNS = ["S", "sample_ratio", "split_blocks", "num_warps", "num_stages", "ms", "TFLOP/s"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--splits", type=int, nargs="+", default=[32, 64, 128, 1024],
+                        help="KV blocks per program (sampling.SPLIT_BLOCKS)")
     args = parser.parse_args(argv)
     config = SampleConfig(min_seq_len=0)
-    default = dict(sampling.LAUNCH)
+    default, default_split = dict(sampling.LAUNCH), sampling.SPLIT_BLOCKS
     rows = []
     for seq_len in args.lengths:
         x = structured_qkv(1, 32, 8, seq_len, 128, dtype=torch.bfloat16, device="cuda")
         sampled = config.sampled_rows(seq_len).flatten()
         sampled = sampled[sampled >= 0].double()
-        flops = 2 * 2 * 32 * 128 * (sampled + 1).sum().item()
-        for warps, stages in itertools.product(args.warps, args.stages):
+        flops = 2 * 32 * 128 * (sampled + 1).sum().item()
+        for split, warps, stages in itertools.product(args.splits, args.warps, args.stages):
             sampling.LAUNCH.update(num_warps=warps, num_stages=stages)
+            sampling.SPLIT_BLOCKS = split
             try:
                 ms = time_ms(lambda x=x: sampling.triton_block_scores(x.q, x.k, config, 128**-0.5))
             except Exception as err:  # e.g. out of shared memory for this config
-                progress(f"S={seq_len} warps={warps} stages={stages}: {err}".splitlines()[0])
+                progress(f"S={seq_len} split={split} warps={warps} stages={stages}: {err}"
+                         .splitlines()[0])  # fmt: skip
                 continue
-            row = {"S": seq_len, "sample_ratio": config.sample_ratio, "num_warps": warps,
-                   "num_stages": stages, "ms": ms, "TFLOP/s": flops / ms / 1e9}  # fmt: skip
+            row = {"S": seq_len, "sample_ratio": config.sample_ratio, "split_blocks": split,
+                   "num_warps": warps, "num_stages": stages, "ms": ms,
+                   "TFLOP/s": flops / ms / 1e9}  # fmt: skip
             rows.append(row)
-            progress(f"S={seq_len} warps={warps} stages={stages}: {ms:.3f} ms")
+            progress(f"S={seq_len} split={split} warps={warps} stages={stages}: {ms:.3f} ms")
     sampling.LAUNCH.clear()
     sampling.LAUNCH.update(default)
+    sampling.SPLIT_BLOCKS = default_split
     notes = [f"Config: {config}.", "Inputs: structured_qkv, B=1, Hq=32, Hkv=8, D=128, bf16.",
-             f"Default launch at the time of the run: {default}."]  # fmt: skip
+             f"Default launch at the time of the run: {default}, SPLIT_BLOCKS "
+             f"{default_split}."]  # fmt: skip
     path = write_results("score_kernel", "Stage-1 score kernel launch sweep",
                          [("Launch sweep", COLUMNS, rows)], notes)  # fmt: skip
     print(open(path).read())

@@ -29,6 +29,10 @@ from bench.retrieval import VALUES, build_tokenizer, niah_prompt, training_examp
 
 EVAL_COLUMNS = ["S", "depth", "samples", "accuracy"]
 LOG_COLUMNS = ["step", "S", "seconds", "loss", "answer accuracy"]
+#: A stage (all but the last) ends once two checks in a row answer this share of the
+#: training batch's questions: 4x longer contexts then start from a working copy circuit.
+ADVANCE = 0.95
+CHECK_EVERY = 25
 
 
 def model_config(vocab_size: int, max_len: int, *, tiny: bool):
@@ -53,7 +57,9 @@ def curriculum(max_len: int) -> list[tuple[int, float]]:
     The copy circuit forms only after ~1.5K steps, and only where there is little filler:
     on CPU a 2-layer d128 model (AdamW 1e-3, batch 32) answered all questions at 32 tokens
     by step 1600, while tiny models started at 64-256 tokens answered none within 600-1100
-    steps. So the run starts nearly filler-free, where steps are cheap, then grows 4x a stage."""
+    steps. So the run starts nearly filler-free, where steps are cheap, then grows 4x a stage.
+    A stage ends early once the model answers its questions (`ADVANCE`); its unused time goes
+    to the later stages in proportion to their shares."""
     lengths = [n for n in (32, 128, 512, 2048, 8192) if n < max_len] + [max_len]
     shares = [0.1, 0.1, 0.15, 0.15, 0.2][: len(lengths) - 1]
     return list(zip(lengths, [*shares, 1.0 - sum(shares)], strict=True))
@@ -135,11 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     budget_s = args.minutes * 60
     start = time.perf_counter()
     steps, log = 0, []
-    for length, share in curriculum(args.max_len):
-        stage_end = time.perf_counter() + share * budget_s
+    stages = curriculum(args.max_len)
+    for index, (length, share) in enumerate(stages):
+        stage_start = time.perf_counter()
+        remaining = budget_s - (stage_start - start)
+        stage_end = stage_start + remaining * share / sum(s for _, s in stages[index:])
+        last_stage = index == len(stages) - 1
         # Short stages need steps more than tokens: cap their batch.
         size = min(128, max(1, args.tokens_per_step // length))
-        while time.perf_counter() < stage_end:
+        passed = 0
+        while time.perf_counter() < stage_end and passed < 2:
             elapsed = (time.perf_counter() - start) / budget_s
             lr = args.lr * min(1.0, (steps + 1) / 100) * (0.1 + 0.9 * math.cos(
                 0.5 * math.pi * min(elapsed, 1.0)))  # fmt: skip
@@ -153,11 +164,12 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            if steps % 50 == 0:
+            if steps % CHECK_EVERY == 0:
                 entry = {"step": steps, "S": length, "seconds": time.perf_counter() - start,
                          "loss": out.loss.item(),
                          "answer accuracy": answer_accuracy(out.logits, labels, value_ids)}
                 log.append(entry)
+                passed = 0 if last_stage or entry["answer accuracy"] < ADVANCE else passed + 1
                 progress(f"step {steps} S={length} loss {entry['loss']:.3f} answers "
                          f"{entry['answer accuracy']:.3f} lr {lr:.2e} {entry['seconds']:.0f}s")
     train_s = time.perf_counter() - start
@@ -177,10 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{config.vocab_size} (word-level tokenizer of bench/retrieval.py), random init, seed "
         f"{args.seed}.",
         f"Training: {steps} steps in {train_s:.0f} s, curriculum {curriculum(args.max_len)} "
-        f"(length, share of time), {args.tokens_per_step} tokens per step, 1..{args.max_needles} "
-        f"needles per sequence, AdamW lr {args.lr} (warm-up, cosine to 10%), bf16 autocast on "
-        "CUDA, loss on the questions and answers; 'answer accuracy' in the log is the argmax "
-        "hit rate on the training batch's answers.",
+        f"(length, share of time; a stage ends early after two checks in a row at >= "
+        f"{ADVANCE} answer accuracy), {args.tokens_per_step} tokens per step, "
+        f"1..{args.max_needles} needles per sequence, AdamW lr {args.lr} (warm-up, cosine to "
+        "10%), bf16 autocast on CUDA, loss on the questions and answers; 'answer accuracy' in "
+        "the log is the argmax hit rate on the training batch's answers.",
         "Eval: single-needle prompts from bench.retrieval.niah_prompt (seeds 10000+), dense "
         "SDPA, greedy next token must equal the value.",
     ]

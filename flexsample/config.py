@@ -23,8 +23,8 @@ class SampleConfig:
     alpha: CRA threshold; the kept share of sampled attention mass, in (0, 1]. Paper default.
     window_ratio: local window as a fraction of the sequence length, in [0, 1]. Paper: 8%.
     sample_ratio: share of query rows sampled in stage 1, in (0, 1]. 1%: on the H100 the
-        mask build is 9.7% of the sparse attention at 128K and 12.4% at 64K (0.5%: 6.7% and
-        11.4%; 2%: 14.6% and 18%), with the same true CRA on structured inputs from 0.5% to
+        mask build is 5.1% of the sparse attention at 128K and 6.6% at 64K (0.5%: 3.0% and
+        6.2%; 2%: 9.7% and 10.8%), with the same true CRA on structured inputs from 0.5% to
         2% (bench/results/mask_build.md, sample-ratio table).
     min_sample_rows: lower bound on the number of sampled rows (short sequences).
     sample_block: rows per contiguous sampled tile; 1 gives evenly strided rows.
@@ -32,8 +32,9 @@ class SampleConfig:
     min_seq_len: sequences shorter than this run dense SDPA (sparsity does not pay there).
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
-    score_backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton"; the
-        environment variable FLEXSAMPLE_SCORES overrides "auto" for debugging.
+    score_backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton": the path
+        of stage 1 and of the mask's block lists; the environment variable
+        FLEXSAMPLE_SCORES overrides "auto" for debugging.
     """
 
     alpha: float = 0.95

@@ -12,6 +12,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample.config import SampleConfig
+from flexsample.scores import use_triton
 
 
 def select_stripes(
@@ -54,6 +55,31 @@ def build_block_mask(
 ) -> BlockMask:
     """Window ∪ stripes `[B, H, nKV]` -> causal `BlockMask` (step 4), from the structure.
 
+    The block lists come from the Triton kernel where `config` picks the kernels (eager only:
+    traced code keeps the PyTorch ops, which inductor fuses), else from `torch_block_lists`.
+    """
+    lo, hi = config.window_blocks(seq_len, stripes.device)
+    if use_triton(config, stripes.device) and not torch.compiler.is_compiling():
+        from flexsample.kernels.block_lists import triton_block_lists
+
+        lists = triton_block_lists(stripes, lo, hi, config.q_block, config.kv_block)
+    else:
+        lists = torch_block_lists(stripes, lo, hi, config)
+    return BlockMask.from_kv_blocks(
+        *lists,
+        BLOCK_SIZE=(config.q_block, config.kv_block),
+        mask_mod=sampled_causal_mask_mod(stripes, lo, config),
+        seq_lengths=(seq_len, seq_len),
+        compute_q_blocks=compute_q_blocks,
+    )
+
+
+def torch_block_lists(
+    stripes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: SampleConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stripes `[B, H, nKV]` (bool) and window bounds `[nQ]` -> (kv_num `[B, H, nQ]`, kv_idx
+    `[B, H, nQ, nKV]`, full_num, full_idx), int32: the partial and full block lists.
+
     Query block qb keeps the stripes below its window start `lo` (all full blocks: they end
     before qb's first row) and the window `[lo, hi]`, whose blocks up to `last_full` (the last
     block ending before qb's first row) are full and the rest partial. So the full indices are
@@ -61,7 +87,6 @@ def build_block_mask(
     """
     num_kv = stripes.shape[-1]
     device = stripes.device
-    lo, hi = config.window_blocks(seq_len, device)
     first_row = torch.arange(len(lo), device=device) * config.q_block
     last_full = torch.maximum((first_row + 1) // config.kv_block - 1, lo - 1)
     slot = torch.arange(num_kv, device=device)
@@ -74,16 +99,7 @@ def build_block_mask(
     partial_first = torch.maximum(lo, last_full + 1)
     kv_num = (hi - partial_first + 1).expand_as(full_num)
     kv_idx = (partial_first[:, None] + slot).clamp(max=num_kv - 1).expand_as(full_idx)
-    return BlockMask.from_kv_blocks(
-        kv_num.to(torch.int32),
-        kv_idx.to(torch.int32),
-        full_num.to(torch.int32),
-        full_idx.to(torch.int32),
-        BLOCK_SIZE=(config.q_block, config.kv_block),
-        mask_mod=sampled_causal_mask_mod(stripes, lo, config),
-        seq_lengths=(seq_len, seq_len),
-        compute_q_blocks=compute_q_blocks,
-    )
+    return tuple(x.to(torch.int32) for x in (kv_num, kv_idx, full_num, full_idx))
 
 
 def keep_block_mask(keep: torch.Tensor, seq_len: int, config: SampleConfig) -> BlockMask:

@@ -26,19 +26,26 @@ def block_scores(
 
     q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` with Hq a multiple of Hkv (no copy of k for GQA).
     """
-    backend = config.resolved_score_backend(q.device)
-    if backend == "triton" and config.score_backend == "auto" and not _triton_available():
-        backend = "torch"  # "auto" on a CUDA machine without Triton
-    if backend == "triton":
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"the Triton score kernel needs a CUDA device (got {q.device.type}); set "
-                "TRITON_INTERPRET=1 before importing flexsample to run it in the interpreter"
-            )
+    if use_triton(config, q.device):
         from flexsample.kernels.sampling import triton_block_scores
 
         return triton_block_scores(q, k, config, scale)
     return torch_block_scores(q, k, config, scale)
+
+
+def use_triton(config: SampleConfig, device: torch.device) -> bool:
+    """Whether the Triton kernels (stage-1 scores, block lists) serve inputs on `device`:
+    `config.score_backend` after FLEXSAMPLE_SCORES; "auto" falls back to PyTorch on a CUDA
+    machine without Triton, a forced "triton" off CUDA needs the interpreter."""
+    backend = config.resolved_score_backend(device)
+    if backend == "triton" and config.score_backend == "auto" and not _triton_available():
+        return False
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton kernels need a CUDA device (got {device.type}); set "
+            "TRITON_INTERPRET=1 before importing flexsample to run them in the interpreter"
+        )
+    return backend == "triton"
 
 
 @functools.cache

@@ -1,4 +1,7 @@
-"""Triton sampling kernel vs the reference: interpreter on CPU, real sizes on the GPU."""
+"""Triton kernels (sampling, block lists) vs their specs: interpreter on CPU, real sizes on
+the GPU."""
+
+import contextlib
 
 import pytest
 import torch
@@ -6,8 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flexsample import SampleConfig, sample_attention
+from flexsample.kernels import sampling
+from flexsample.kernels.block_lists import triton_block_lists
 from flexsample.kernels.sampling import triton_block_scores
-from flexsample.mask import select_stripes
+from flexsample.mask import build_block_mask, kept_blocks, select_stripes, torch_block_lists
 from flexsample.reference import reference_block_scores
 from flexsample.scores import torch_block_scores
 
@@ -17,12 +22,28 @@ from tolerance import OUTPUT_TOL, SCORE_ATOL
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@given(qkv(max_len=200, head_dims=(16, 24, 64)), configs(score_backend="triton"))
-def test_kernel_scores_match_reference(inputs, config):
+@contextlib.contextmanager
+def split_blocks(blocks: int):
+    """Run the score kernel with `blocks` KV blocks per program (several splits per tile)."""
+    default = sampling.SPLIT_BLOCKS
+    sampling.SPLIT_BLOCKS = blocks
+    try:
+        yield
+    finally:
+        sampling.SPLIT_BLOCKS = default
+
+
+@given(
+    qkv(max_len=200, head_dims=(16, 24, 64)),
+    configs(score_backend="triton"),
+    st.sampled_from([1, 2, 3, sampling.SPLIT_BLOCKS]),
+)
+def test_kernel_scores_match_reference(inputs, config, blocks):
     q, k, _ = (x.to(DEVICE) for x in inputs)
     scale = q.shape[-1] ** -0.5
     expected_scores, expected_covered = reference_block_scores(q, k, config, scale)
-    got_scores, got_covered = triton_block_scores(q, k, config, scale)
+    with split_blocks(blocks):
+        got_scores, got_covered = triton_block_scores(q, k, config, scale)
     atol = SCORE_ATOL[q.dtype]
     torch.testing.assert_close(got_scores, expected_scores, atol=atol, rtol=0)
     torch.testing.assert_close(got_covered, expected_covered, atol=atol, rtol=0)
@@ -54,12 +75,50 @@ def test_scores_do_not_depend_on_strides():
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 700),
+    st.sampled_from([16, 32, 64, 128]),
+    st.sampled_from([16, 32, 64, 128]),
+    st.floats(0.0, 0.5),
+    st.floats(0.0, 1.0),
+    st.integers(0, 2**16),
+)
+def test_block_lists_kernel_equals_torch_path(
+    batch, heads, seq_len, q_block, kv_block, window_ratio, stripe_share, seed
+):
+    config = SampleConfig(q_block=q_block, kv_block=kv_block, window_ratio=window_ratio)
+    num_kv = -(-seq_len // kv_block)
+    gen = torch.Generator().manual_seed(seed)
+    stripes = (torch.rand(batch, heads, num_kv, generator=gen) < stripe_share).to(DEVICE)
+    lo, hi = config.window_blocks(seq_len, DEVICE)
+    got = triton_block_lists(stripes, lo, hi, q_block, kv_block)
+    expected = torch_block_lists(stripes, lo, hi, config)
+    for name, g, e in zip(("kv_num", "kv_idx", "full_num", "full_idx"), got, expected, strict=True):
+        assert g.dtype == e.dtype == torch.int32, name
+        assert torch.equal(g, e), name
+
+
+def test_block_mask_is_the_same_on_both_paths():
+    seq_len = 3000
+    gen = torch.Generator().manual_seed(1)
+    stripes = (torch.rand(2, 3, -(-seq_len // 64), generator=gen) < 0.3).to(DEVICE)
+    masks = [
+        build_block_mask(stripes, seq_len, SampleConfig(q_block=64, kv_block=64, score_backend=b))
+        for b in ("torch", "triton")
+    ]
+    assert torch.equal(kept_blocks(masks[0]), kept_blocks(masks[1]))
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(masks[0], name), getattr(masks[1], name)), name
+
+
 def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     from flexsample.scores import block_scores
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 1, 10, 16)
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(ValueError, match="need a CUDA device"):
         block_scores(q, q, SampleConfig(score_backend="triton"), 0.25)
 
 
@@ -78,6 +137,18 @@ def test_gpu_kernel_matches_torch_path_at_real_sizes(dtype, seq_len):
     expected = torch_block_scores(q, k, config, 128**-0.5)
     torch.testing.assert_close(got, expected, atol=SCORE_ATOL[dtype], rtol=0)
     torch.testing.assert_close(got[1] + got[0].sum(-1), torch.ones_like(got[1]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [65536, 131072 - 77])
+def test_gpu_block_lists_kernel_equals_torch_path_at_real_sizes(seq_len):
+    config = SampleConfig()
+    gen = torch.Generator(device="cuda").manual_seed(seq_len)
+    stripes = torch.rand(1, 32, -(-seq_len // 128), device="cuda", generator=gen) < 0.1
+    lo, hi = config.window_blocks(seq_len, "cuda")
+    got = triton_block_lists(stripes, lo, hi, config.q_block, config.kv_block)
+    for g, e in zip(got, torch_block_lists(stripes, lo, hi, config), strict=True):
+        assert torch.equal(g, e)
 
 
 @pytest.mark.gpu
