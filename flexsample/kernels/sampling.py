@@ -57,15 +57,25 @@ def _program(num_tiles, kv_heads):
 
 
 @triton.jit
-def _tile_rows(ROWS, tile, kvh, GROUP: tl.constexpr, G_PAD: tl.constexpr, SB: tl.constexpr,
-               SB_PAD: tl.constexpr):  # fmt: skip
-    """The tile's rows for each head of the group: (slot in tile, row or -1, valid, head)."""
+def _tile_rows(ROWS, tile, b, kvh, kv_heads, num_tiles, GROUP: tl.constexpr,
+               G_PAD: tl.constexpr, SB: tl.constexpr, SB_PAD: tl.constexpr):  # fmt: skip
+    """The tile's rows for each head of the group: (slot in tile, row or -1, valid, head,
+    head exists (G_PAD pads the group), (batch, head, tile) index of the scratch rows)."""
     offs_m = tl.arange(0, G_PAD * SB_PAD)
     g = offs_m // SB_PAD
     r = offs_m % SB_PAD
     row = tl.load(ROWS + tile * SB + r, mask=r < SB, other=-1)
     valid = (row >= 0) & (g < GROUP)
-    return r, tl.where(valid, row, -1), valid, kvh * GROUP + g
+    head = kvh * GROUP + g
+    row_id = (b * kv_heads * GROUP + head).to(tl.int64) * num_tiles + tile
+    return r, tl.where(valid, row, -1), valid, head, g < GROUP, row_id
+
+
+@triton.jit
+def _split_blocks(row, split, chunk, KV_BLOCK: tl.constexpr):
+    """This program's KV blocks `[first, last)`: its split of the tile's causal prefix."""
+    first = split * chunk
+    return first, tl.minimum(first + chunk, tl.max(row) // KV_BLOCK + 1)
 
 
 @triton.jit
@@ -79,8 +89,9 @@ def _block_lse_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile, b, kvh, split = _program(num_tiles, kv_heads)
-    r, row, valid, head = _tile_rows(ROWS, tile, kvh, GROUP, G_PAD, SB, SB_PAD)
-    head_ok = head < (kvh + 1) * GROUP
+    r, row, valid, head, head_ok, row_id = _tile_rows(
+        ROWS, tile, b, kvh, kv_heads, num_tiles, GROUP, G_PAD, SB, SB_PAD
+    )
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     q = tl.load(
@@ -91,11 +102,8 @@ def _block_lse_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + kvh * stride_kh
-    # This program's KV blocks: its split of the tile's causal prefix.
-    first = split * chunk
-    last = tl.minimum(first + chunk, tl.max(row) // KV_BLOCK + 1)
+    first, last = _split_blocks(row, split, chunk, KV_BLOCK)
     # Scratch layout [B, Hq, tiles, nKV, SB_PAD]: one block's rows are contiguous per head.
-    row_id = (b * kv_heads * GROUP + head).to(tl.int64) * num_tiles + tile
     lse_ptr = BLOCK_LSE + row_id * (num_kv_blocks * SB_PAD) + r
 
     m_i = tl.full([G_PAD * SB_PAD], float("-inf"), tl.float32)
@@ -133,9 +141,9 @@ def _block_mass_kernel(
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
 ):  # fmt: skip
     tile, b, kvh, split = _program(num_tiles, kv_heads)
-    r, row, valid, head = _tile_rows(ROWS, tile, kvh, GROUP, G_PAD, SB, SB_PAD)
-    head_ok = head < (kvh + 1) * GROUP
-    row_id = (b * kv_heads * GROUP + head).to(tl.int64) * num_tiles + tile
+    r, row, valid, _, head_ok, row_id = _tile_rows(
+        ROWS, tile, b, kvh, kv_heads, num_tiles, GROUP, G_PAD, SB, SB_PAD
+    )
     # Each row's log-sum-exp over all keys, from the splits' partials.
     part = row_id * num_splits * SB_PAD + r
     m = tl.full([G_PAD * SB_PAD], float("-inf"), tl.float32)
@@ -157,8 +165,8 @@ def _block_mass_kernel(
     g_out = tl.arange(0, G_PAD)
     out_base = (b * kv_heads * GROUP + kvh * GROUP + g_out) * num_tiles + tile
     covered = tl.zeros([G_PAD * SB_PAD], tl.float32)
-    first = split * chunk
-    for kb in range(first, tl.minimum(first + chunk, tl.max(row) // KV_BLOCK + 1)):
+    first, last = _split_blocks(row, split, chunk, KV_BLOCK)
+    for kb in range(first, last):
         lse_b = tl.load(lse_ptr + kb * SB_PAD, mask=head_ok, other=float("-inf"))
         mass = tl.where(valid, tl.exp2(lse_b - lse), 0.0)
         in_window = (kb >= win_lo) & (kb <= win_hi)
