@@ -9,6 +9,8 @@ import torch
 from bench import niah, train_retrieval
 from bench.retrieval import (
     KEYS,
+    NEAR_END,
+    SENTENCE_WORDS,
     VALUES,
     build_tokenizer,
     labelled,
@@ -73,6 +75,24 @@ def test_training_example_answers_are_the_needles_values(tokenizer):
     # The fast id path is the tokenizer's encoding of the same words.
     text = tokenizer.decode(ids)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids.tolist()
+
+
+def test_training_examples_put_some_needles_right_before_their_question(tokenizer):
+    """NIAH at depth 1 asks about a needle a dozen tokens back; uniform positions alone
+    almost never train that distance."""
+    vocab = tokenizer.get_vocab()
+    rng = np.random.default_rng(0)
+    near, trials = 0, 300
+    for _ in range(trials):
+        ids, labels = training_example(rng, vocab, 2048, needles=4)
+        first = np.nonzero(labels != -100)[0][0] - 1  # "what" starts the first question
+        key = ids[first + 6]  # "what is the pass key of <key>"
+        needle_key = tokenizer.convert_tokens_to_ids(labelled(tokenizer.convert_ids_to_tokens(
+            int(key))))  # fmt: skip
+        where = [i for i in range(first) if ids[i] == needle_key]
+        assert len(where) == 1
+        near += first - where[0] <= 2 * (SENTENCE_WORDS[1] + 1) + 2
+    assert abs(near / trials - NEAR_END) < 0.07
 
 
 @pytest.mark.slow
