@@ -213,3 +213,26 @@ def test_training_graph_is_not_rewritten():
     out.loss.backward()
     assert report().rewritten == 0
     assert any("require grad" in reason for _, reason in report().skipped)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("mask", [False, True])
+def test_op_returns_the_layout_its_fake_promises(layout, mask):
+    """Real and fake outputs must agree on strides: compiled code reads the real output with
+    the fake's. transformers passes `[B, S, H, D]`-major views; every path must hand back
+    that layout, and the values of SDPA."""
+    from flexsample.compile.op import _empty_like_query, config_to_str
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 200, 16, generator=gen) for _ in range(3))
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    attn_mask = torch.ones(200, 200, dtype=torch.bool).tril() if mask else None
+    out = torch.ops.flexsample.sample_attention(
+        q, k, v, attn_mask, None, False, config_to_str(DENSE_EQUIVALENT)
+    )
+    assert out.stride() == _empty_like_query(q, 16).stride()
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-4
+    )
+    assert flexsample.path_counts["sparse"] == 1

@@ -47,7 +47,6 @@ def sample_attention_op(
     `scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, ...)`, sparse only when the
     mask is exactly causal over equal lengths. Shapes `[B, H, S, D]`.
     """
-    result = _empty_like_query(q, v.shape[-1])
     equal_lengths = q.shape[-2] == k.shape[-2]
     if attn_mask is not None and not (equal_lengths and is_causal_mask(attn_mask)):
         path_counts["dense:mask"] += 1
@@ -66,15 +65,23 @@ def sample_attention_op(
             *(t.contiguous() for t in (q, k, v)), _config_from_str(config), scale=scale,
             enable_gqa=enable_gqa,
         )  # fmt: skip
-    return out if out.stride() == result.stride() else result.copy_(out)
+    # Most calls already return q's layout: compare strides on a meta tensor, so that the
+    # real output-sized buffer exists only when a copy is needed.
+    if out.stride() == _empty_like_query(q, v.shape[-1], "meta").stride():
+        return out
+    return _empty_like_query(q, v.shape[-1]).copy_(out)
 
 
-def _empty_like_query(q: torch.Tensor, value_dim: int) -> torch.Tensor:
+def _empty_like_query(
+    q: torch.Tensor, value_dim: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """`[B, H, S, Dv]` laid out in memory like q (SDPA and flex return q's layout; transformers
     passes `[B, S, H, D]`-major q): the fake and real outputs must agree on strides."""
     order = sorted(range(q.dim()), key=lambda d: q.stride(d), reverse=True)
     shape = [*q.shape[:-1], value_dim]
-    return q.new_empty([shape[d] for d in order]).permute(*[order.index(d) for d in range(q.dim())])
+    return q.new_empty([shape[d] for d in order], device=device).permute(
+        *[order.index(d) for d in range(q.dim())]
+    )
 
 
 @sample_attention_op.register_fake
