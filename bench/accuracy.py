@@ -5,7 +5,7 @@ For each length and config, per method: density (kept share of the causal area),
 head; the 1st percentile over rows), and the output's relative error vs dense attention
 (max and mean over heads). Methods: flexsample at each alpha and sample ratio; at each
 alpha's per-head density, window + sink, the exact-column-mass oracle and MInference's
-vertical-slash estimate (`flexsample.baselines`). Inputs: `flexsample.testing.structured_qkv`.
+vertical-slash estimate (`flexsample.baselines`). Inputs: `flexsample.synthetic.structured_qkv`.
 Writes bench/results/accuracy.{md,json} (CPU: bench/results/cpu/); `bench.plot` draws it.
 
 GPU: `python -m bench.accuracy`; CPU (S <= 8K): `python -m bench.accuracy --cpu-smoke`.
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from bench.harness import RESULTS, progress, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
-from flexsample.baselines import column_mass, oracle_columns, vertical_slash, window_sink
-from flexsample.mask import block_density, density, keep_block_mask, kept_blocks
-from flexsample.reference import true_cra
-from flexsample.testing import structured_qkv
+from flexsample.baselines import oracle_columns, vertical_slash, window_sink
+from flexsample.block_mask import keep_block_mask, kept_blocks
+from flexsample.metrics import block_density, column_mass, density, true_cra
+from flexsample.synthetic import structured_qkv
 
 COLUMNS = ["S", "alpha", "sample_ratio", "method", "density", "CRA mean", "CRA worst head",
            "CRA p1", "err max", "err mean"]  # fmt: skip
@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def write(rows: list[dict]):
         notes = [
-            f"Inputs: flexsample.testing.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
+            f"Inputs: flexsample.synthetic.structured_qkv(seed=0), B=1, Hq={heads}, "
+            f"Hkv={kv_heads}, "
             f"D={dim}, {dtype}; head kinds local/stripe/diffuse in turn.",
             f"Base config: {base}; rows vary alpha and sample_ratio.",
             "Baselines are matched per head to flexsample's density at the default sample ratio "
             "(the smallest mask of their pattern at or above it, so their density is never "
             "lower); every method keeps the diagonal blocks.",
-            "CRA: true CRA of DESIGN §1 (share of a row's full causal attention mass kept), mean "
+            "CRA: true CRA of ALGORITHM §6 (share of a row's full causal attention mass kept), mean "
             f"over rows then heads; over every row for S <= {args.all_rows_upto}, else over 4096 "
             "evenly spaced rows. 'CRA p1' is the 1st percentile over all (head, row) pairs.",
             "err: ||out - dense|| / ||dense|| per head (dense = SDPA is_causal, same dtype), max "

@@ -1,7 +1,7 @@
 """The attention op: flexsample (mask build + sparse flex_attention) vs the fastest dense kernels.
 
 Llama-3-8B attention shape (B 1, Hq 32, Hkv 8, D 128, bf16, causal) at S = 8K-128K, on
-`flexsample.testing.structured_qkv` inputs. Rows: the default config (adaptive density), and
+`flexsample.synthetic.structured_qkv` inputs. Rows: the default config (adaptive density), and
 fixed densities of about 5/10/20/40% (alpha = 1 with a window and a stripe cap, so the
 density is set by the config, not the input; the measured density is in the row). Columns:
 dense baselines (`bench.dense`), mask build, sparse attention, total, density, speedup of the
@@ -23,8 +23,8 @@ from bench.dense import dense_baselines
 from bench.harness import RESULTS, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
-from flexsample.mask import density
-from flexsample.testing import structured_qkv
+from flexsample.metrics import density
+from flexsample.synthetic import structured_qkv
 
 COLUMNS = [
     "S", "config", "density", "mask build ms", "sparse attn ms", "total ms", "build share",
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
 
     notes = [
-        f"Inputs: flexsample.testing.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
+        f"Inputs: flexsample.synthetic.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
         f"D={dim}, {dtype}. Head kinds local/stripe/diffuse in turn: the diffuse third keeps "
         "most blocks at alpha 0.95, which bounds the default config's density from below.",
         f"'default' is {base}; '~d%' rows are alpha=1, window_ratio=d/5, "

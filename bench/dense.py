@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.harness import progress, time_ms
 from flexsample import SampleConfig
 from flexsample.attention import attention_with_mask
-from flexsample.mask import build_block_mask
+from flexsample.block_mask import build_block_mask
+from flexsample.layout import make_layout
 
 
 def dense_baselines(q, k, v, config: SampleConfig) -> dict[str, float]:
@@ -40,7 +41,7 @@ def dense_baselines(q, k, v, config: SampleConfig) -> dict[str, float]:
     )
     num_kv = -(-k.shape[2] // config.kv_block)
     every_block = torch.ones(*q.shape[:2], num_kv, dtype=torch.bool, device=q.device)
-    dense_mask = build_block_mask(every_block, q.shape[2], config)
+    dense_mask = build_block_mask(every_block, make_layout(config, q.shape[2], q.device))
     row["flex dense ms"] = time_ms(
         lambda: attention_with_mask(q, k, v, dense_mask, enable_gqa=True)
     )

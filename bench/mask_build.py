@@ -20,13 +20,16 @@ from bench.dense import dense_baselines
 from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
-from flexsample.mask import build_block_mask, density, kept_blocks, select_stripes
-from flexsample.reference import true_cra
+from flexsample.block_mask import build_block_mask, kept_blocks
+from flexsample.layout import make_layout, use_kernels
+from flexsample.metrics import density, true_cra
 from flexsample.scores import block_scores
-from flexsample.testing import structured_qkv
+from flexsample.selection import select_stripes
+from flexsample.synthetic import structured_qkv
 
 MAIN_COLUMNS = [
-    "S", "scores ms", "select ms", "BlockMask ms", "mask build ms", "sparse attn ms", "total ms",
+    "S", "layout ms", "scores ms", "select ms", "BlockMask ms", "mask build ms", "sparse attn ms",
+    "total ms",
     "build/attn", "peak MiB", "density", "SDPA cuDNN ms", "SDPA flash ms", "SDPA default ms",
     "flex dense ms", "x vs cuDNN", "x vs flash",
 ]  # fmt: skip
@@ -39,13 +42,15 @@ SWEEP_COLUMNS = [
 def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
     scale = q.shape[-1] ** -0.5
     seq_len = q.shape[2]
-    scores, covered = block_scores(q, k, config, scale)
+    layout = make_layout(config, seq_len, q.device)
+    scores, covered = block_scores(q, k, layout, scale)
     stripes = select_stripes(scores, covered, config)
     block_mask = sample_block_mask(q, k, config)
     row = {
-        "scores ms": time_ms(lambda: block_scores(q, k, config, scale)),
+        "layout ms": time_ms(lambda: make_layout(config, seq_len, q.device)),
+        "scores ms": time_ms(lambda: block_scores(q, k, layout, scale)),
         "select ms": time_ms(lambda: select_stripes(scores, covered, config)),
-        "BlockMask ms": time_ms(lambda: build_block_mask(stripes, seq_len, config)),
+        "BlockMask ms": time_ms(lambda: build_block_mask(stripes, layout)),
         "mask build ms": time_ms(lambda: sample_block_mask(q, k, config)),
         "sparse attn ms": time_ms(
             lambda: attention_with_mask(q, k, v, block_mask, enable_gqa=True)
@@ -109,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
     notes = [
         f"Config: {base} (score_backend resolves to "
-        f"{base.resolved_score_backend(torch.device(device))}).",
-        f"Inputs: flexsample.testing.structured_qkv, B=1, Hq={heads}, Hkv={kv_heads}, "
+        f"{'triton' if use_kernels(base, torch.device(device)) else 'torch'}).",
+        f"Inputs: flexsample.synthetic.structured_qkv, B=1, Hq={heads}, Hkv={kv_heads}, "
         f"D={dim}, {dtype}.",
         "Times are medians (triton.testing.do_bench on CUDA). 'mask build' is timed end to end "
         "(sample_block_mask); the three columns before it are its parts timed alone.",

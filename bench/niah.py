@@ -30,11 +30,11 @@ import flexsample
 from bench.harness import RESULTS, progress, write_results
 from bench.retrieval import niah_prompt
 from flexsample import SampleConfig, sample_block_mask
-from flexsample.attention import attention_with_mask, dense_reason
+from flexsample.attention import attention_with_mask
 from flexsample.baselines import window_sink
+from flexsample.block_mask import keep_block_mask
 from flexsample.compile import report, reset_report
-from flexsample.compile.causal_mask import is_causal_mask
-from flexsample.mask import density, keep_block_mask
+from flexsample.metrics import density
 
 METHODS = ("dense", "compile", "attn", "window-sink")
 COLUMNS = ["method", "S", "depth", "samples", "accuracy", "density", "sparse calls", "rewritten"]
@@ -52,16 +52,13 @@ class DensityLog:
         return sum(self.values) / len(self.values) if self.values else "dense"
 
 
-def _sparse_applies(module, query, key, mask, dropout, config, kwargs) -> bool:
-    """Whether the package's attention function takes the sparse path for this call: a plain
-    prefill, long enough, with no mask or an exactly causal one (else SDPA with the mask)."""
-    from flexsample.integrations.transformers import is_plain_prefill
+def _sparse_applies(module, query, key, value, mask, dropout, config, kwargs) -> bool:
+    """Whether the package's attention function takes the sparse path for this call."""
+    from flexsample.integrations.transformers import door_reason
 
-    return (
-        is_plain_prefill(module, query, key, dropout, kwargs.get("is_causal"), kwargs)
-        and dense_reason(query, key, config) is None
-        and (mask is None or is_causal_mask(mask))
-    )
+    kwargs = dict(kwargs)
+    is_causal = kwargs.pop("is_causal", None)
+    return door_reason(module, query, key, value, mask, dropout, is_causal, kwargs, config) is None
 
 
 def recording_flexsample(config: SampleConfig, log: DensityLog):
@@ -71,7 +68,7 @@ def recording_flexsample(config: SampleConfig, log: DensityLog):
     inner = make_attention_forward(config)
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        if _sparse_applies(module, query, key, attention_mask, dropout, config, kw):
+        if _sparse_applies(module, query, key, value, attention_mask, dropout, config, kw):
             log.values.append(density(sample_block_mask(query, key, config, scale=scaling))
                               .mean().item())  # fmt: skip
         return inner(module, query, key, value, attention_mask, dropout, scaling, **kw)
@@ -85,7 +82,7 @@ def window_sink_attention(config: SampleConfig, log: DensityLog):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        if not _sparse_applies(module, query, key, attention_mask, dropout, config, kw):
+        if not _sparse_applies(module, query, key, value, attention_mask, dropout, config, kw):
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           dropout=dropout, scaling=scaling, **kw)  # fmt: skip
         seq_len = query.shape[2]

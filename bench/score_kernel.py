@@ -14,7 +14,8 @@ import torch
 from bench.harness import progress, time_ms, write_results
 from flexsample import SampleConfig
 from flexsample.kernels import sampling
-from flexsample.testing import structured_qkv
+from flexsample.layout import make_layout
+from flexsample.synthetic import structured_qkv
 
 COLUMNS = ["S", "sample_ratio", "split_blocks", "num_warps", "num_stages", "ms", "TFLOP/s"]
 
@@ -25,21 +26,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--splits", type=int, nargs="+", default=[32, 64, 128, 1024],
-                        help="KV blocks per program (sampling.SPLIT_BLOCKS)")
+                        help="KV blocks per program (split_blocks)")
     args = parser.parse_args(argv)
     config = SampleConfig(min_seq_len=0)
-    default, default_split = dict(sampling.LAUNCH), sampling.SPLIT_BLOCKS
+    default = {"split_blocks": sampling.SPLIT_BLOCKS, "num_warps": sampling.NUM_WARPS,
+               "num_stages": sampling.NUM_STAGES}  # fmt: skip
     rows = []
     for seq_len in args.lengths:
         x = structured_qkv(1, 32, 8, seq_len, 128, dtype=torch.bfloat16, device="cuda")
-        sampled = config.sampled_rows(seq_len).flatten()
+        layout = make_layout(config, seq_len, torch.device("cuda"), kernels=True)
+        sampled = layout.rows.flatten().cpu()
         sampled = sampled[sampled >= 0].double()
         flops = 2 * 32 * 128 * (sampled + 1).sum().item()
         for split, warps, stages in itertools.product(args.splits, args.warps, args.stages):
-            sampling.LAUNCH.update(num_warps=warps, num_stages=stages)
-            sampling.SPLIT_BLOCKS = split
+            launch = {"split_blocks": split, "num_warps": warps, "num_stages": stages}
             try:
-                ms = time_ms(lambda x=x: sampling.triton_block_scores(x.q, x.k, config, 128**-0.5))
+                ms = time_ms(lambda x=x, launch=launch, layout=layout: sampling.triton_block_scores(
+                    x.q, x.k, layout, 128**-0.5, **launch))  # fmt: skip
             except Exception as err:  # e.g. out of shared memory for this config
                 progress(f"S={seq_len} split={split} warps={warps} stages={stages}: {err}"
                          .splitlines()[0])  # fmt: skip
@@ -49,12 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                    "TFLOP/s": flops / ms / 1e9}  # fmt: skip
             rows.append(row)
             progress(f"S={seq_len} split={split} warps={warps} stages={stages}: {ms:.3f} ms")
-    sampling.LAUNCH.clear()
-    sampling.LAUNCH.update(default)
-    sampling.SPLIT_BLOCKS = default_split
     notes = [f"Config: {config}.", "Inputs: structured_qkv, B=1, Hq=32, Hkv=8, D=128, bf16.",
-             f"Default launch at the time of the run: {default}, SPLIT_BLOCKS "
-             f"{default_split}."]  # fmt: skip
+             f"Default launch at the time of the run: {default}."]  # fmt: skip
     path = write_results("score_kernel", "Stage-1 score kernel launch sweep",
                          [("Launch sweep", COLUMNS, rows)], notes)  # fmt: skip
     print(open(path).read())

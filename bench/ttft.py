@@ -23,7 +23,7 @@ from bench.attention import fixed_density
 from bench.harness import progress, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.compile import report, reset_report
-from flexsample.mask import density
+from flexsample.metrics import density
 
 COLUMNS = ["S", "mode", "density", "compile s", "prefill s", "x vs eager SDPA",
            "rewritten", "paths"]  # fmt: skip

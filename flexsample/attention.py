@@ -1,39 +1,42 @@
-"""Public API: `sample_block_mask`, `sample_attention`, input checks and the dense fallbacks.
+"""Public API: `sample_block_mask`, `sample_attention`, input checks and the dense fallback.
 
-Where the sparse path cannot apply (DESIGN §3) attention runs dense SDPA; the choice is logged
-at debug level on the "flexsample" logger and counted in `path_counts`.
+Where the sparse path cannot apply (ALGORITHM §5, `paths.dense_reason`) attention runs dense
+SDPA; the choice is logged at debug level on the "flexsample" logger and counted in
+`path_counts`.
 """
 
 from __future__ import annotations
 
-import collections
-import logging
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexsample.config import SampleConfig
-from flexsample.mask import build_block_mask, select_stripes, token_mask
+from flexsample.block_mask import build_block_mask, kept_blocks
+from flexsample.config import SampleConfig, as_config
+from flexsample.flex_backend import kernel_options
+from flexsample.layout import make_layout
+from flexsample.paths import SPARSE_DTYPES, dense_reason, record
 from flexsample.scores import block_scores
+from flexsample.selection import select_stripes
 
-logger = logging.getLogger("flexsample")
-
-#: How often each path ran in eager calls: "sparse" or "dense:<reason>".
-path_counts: collections.Counter[str] = collections.Counter()
-
-_SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SPARSE_DEVICES = ("cpu", "cuda")
 _MAX_HEAD_DIM = 256
-_compiled_flex = None
+#: Logits per step of the CPU sparse path: 64M fp32 = 256 MiB, so memory is O(chunk × S).
+CPU_CHUNK_ELEMENTS = 1 << 26
 
 
 def validate_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *, enable_gqa: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    enable_gqa: bool = True,
+    scale: object = None,
 ) -> None:
     """Raise `TypeError`/`ValueError` naming what is wrong with q `[B, Hq, Sq, D]`,
-    k `[B, Hkv, Skv, D]`, v `[B, Hkv, Skv, Dv]`."""
+    k `[B, Hkv, Skv, D]`, v `[B, Hkv, Skv, Dv]` or `scale` (a finite number or None)."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
@@ -71,19 +74,7 @@ def validate_inputs(
         raise ValueError(
             f"query heads {heads} != key/value heads {kv_heads}: pass enable_gqa=True for GQA"
         )
-
-
-def dense_reason(q: torch.Tensor, k: torch.Tensor, config: SampleConfig) -> str | None:
-    """Why these (valid) inputs take the dense path, or None when the sparse path applies."""
-    if q.shape[2] != k.shape[2]:
-        return "q_len!=kv_len"
-    if q.shape[2] < config.min_seq_len:
-        return "short"
-    if q.dtype not in _SPARSE_DTYPES:
-        return f"dtype:{str(q.dtype).removeprefix('torch.')}"
-    if q.device.type not in _SPARSE_DEVICES:
-        return f"device:{q.device.type}"
-    return None
+    resolve_scale(q, scale)
 
 
 def dense_causal_attention(
@@ -94,7 +85,9 @@ def dense_causal_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """SDPA with the causal rule aligned to the end of the keys (prefill or cached chunk)."""
+    """SDPA `[B, Hq, Sq, Dv]` with the causal rule aligned to the END of the keys: query row i
+    sees keys up to `Skv - Sq + i` (a prefill when Sq == Skv, else a cached chunk or a decode
+    step). SDPA's own `is_causal=True` aligns to the top-left instead."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
     if seq_q == seq_kv:
         return F.scaled_dot_product_attention(
@@ -108,7 +101,8 @@ def dense_causal_attention(
     )
 
 
-def _resolve_scale(q: torch.Tensor, scale: float | None) -> float:
+def resolve_scale(q: torch.Tensor, scale: object) -> float:
+    """The softmax scale: `scale`, or 1/sqrt(D) for None; anything else non-finite raises."""
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
@@ -128,28 +122,21 @@ def sample_block_mask(
     The mask has one row of blocks per query head (`[B, Hq, nQ, nKV]`), for `flex_attention`
     with `enable_gqa=True` when Hq != Hkv. Built on q's device with no host sync.
     """
-    config = config or SampleConfig()
-    validate_inputs(q, k)
+    config = as_config(config)
+    validate_inputs(q, k, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"a causal prefill mask needs equal lengths, got q {q.shape[2]} and k {k.shape[2]}"
         )
-    if q.dtype not in _SPARSE_DTYPES:
-        raise TypeError(f"dtype {q.dtype} has no sparse kernel: allowed {_SPARSE_DTYPES}")
+    if q.dtype not in SPARSE_DTYPES:
+        raise TypeError(f"dtype {q.dtype} has no sparse kernel: allowed {SPARSE_DTYPES}")
     # Backward through flex_attention needs the transposed (q-block) indices.
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
-        scores, covered = block_scores(q, k, config, _resolve_scale(q, scale))
+        layout = make_layout(config, q.shape[2], q.device)
+        scores, covered = block_scores(q, k, layout, resolve_scale(q, scale))
         stripes = select_stripes(scores, covered, config)
-        return build_block_mask(stripes, q.shape[2], config, compute_q_blocks=needs_grad)
-
-
-def _kernel_options(q: torch.Tensor, config: SampleConfig) -> dict[str, int] | None:
-    """Flex's CUDA kernel tiles must divide the mask blocks; cap them for blocks under 128."""
-    if q.device.type != "cuda" or min(config.q_block, config.kv_block) >= 128:
-        return None
-    m, n = min(config.q_block, 64), min(config.kv_block, 64)
-    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n, "BLOCK_M2": m, "BLOCK_N2": n}
+        return build_block_mask(stripes, layout, compute_q_blocks=needs_grad)
 
 
 def attention_with_mask(
@@ -164,23 +151,60 @@ def attention_with_mask(
 ) -> torch.Tensor:
     """Attention `[B, Hq, S, Dv]` under a causal BlockMask (e.g. from `sample_block_mask`).
 
-    CUDA: compiled flex_attention. Elsewhere: SDPA under the mask's exact token mask, since
-    flex_attention's unfused CPU path materialises S×S scores as well, but vmaps the mask_mod
-    (which fails inside a custom op's dispatch, i.e. the compiler path) and has no backward.
+    CUDA: compiled flex_attention. Elsewhere: `cpu_block_sparse_attention`, since
+    flex_attention's unfused CPU path materialises S×S scores and vmaps the mask_mod (which
+    fails inside a custom op's dispatch, i.e. the compiler path).
     """
-    global _compiled_flex
     if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=token_mask(block_mask), scale=scale, enable_gqa=enable_gqa
-        )
+        return cpu_block_sparse_attention(q, k, v, block_mask, scale=scale)
     kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": enable_gqa,
               "kernel_options": kernel_options}  # fmt: skip
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
+    return _compiled_flex()(q, k, v, **kwargs)
+
+
+@functools.cache
+def _compiled_flex():
     # The unfused eager flex_attention materialises S×S; the compiled kernel does not.
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex(q, k, v, **kwargs)
+    return torch.compile(flex_attention)
+
+
+def cpu_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    chunk_elements: int = CPU_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Attention `[B, Hq, S, Dv]` under a causal BlockMask, chunk of query rows by chunk: memory
+    O(chunk × S), never S×S; differentiable by autograd. q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D]`.
+
+    Dropped keys are excluded with `where`, not by adding -inf, so a non-finite value in a key
+    no row may see cannot reach that row (SDPA's causal kernel skips such keys too).
+    """
+    batch, heads, seq_len, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    scale = resolve_scale(q, scale)
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    keep = kept_blocks(block_mask)
+    rows_per_chunk = max(1, chunk_elements // max(1, batch * heads * seq_len))
+    outputs = []
+    for start in range(0, seq_len, rows_per_chunk):
+        stop = min(seq_len, start + rows_per_chunk)  # causal: rows below `stop` see keys < stop
+        rows = torch.arange(start, stop, device=q.device)
+        keys = torch.arange(stop, device=q.device)
+        allowed = keep[:, :, rows // q_block][..., keys // kv_block] & (keys <= rows[:, None])
+        # [B, Hkv, group, rows, D] against [B, Hkv, 1, keys, D]: GQA without copying k or v.
+        qc = q[:, :, start:stop].float().unflatten(1, (kv_heads, group))
+        logits = qc @ k[:, :, None, :stop].float().transpose(-1, -2) * scale
+        logits = torch.where(allowed.unflatten(1, (kv_heads, group)), logits, float("-inf"))
+        probs = torch.softmax(logits, -1)
+        outputs.append((probs @ v[:, :, None, :stop].float()).flatten(1, 2))
+    return torch.cat(outputs, 2).to(q.dtype)
 
 
 def sample_attention(
@@ -192,23 +216,36 @@ def sample_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """Causal SampleAttention: q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D(v)]` -> `[B, Hq, S, Dv]`.
+    """Causal SampleAttention: q `[B, Hq, Sq, D]`, k/v `[B, Hkv, Skv, D(v)]` -> `[B, Hq, Sq, Dv]`.
 
-    Same contract as `scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-    enable_gqa=enable_gqa)`; inputs the sparse path cannot serve run that dense call instead.
+    For a prefill (Sq == Skv) the contract of `scaled_dot_product_attention(q, k, v,
+    is_causal=True, scale=scale, enable_gqa=enable_gqa)`, sparse where it applies. A shorter
+    query (a cached chunk, a decode step) runs dense with the causal rule aligned to the END
+    of the keys (`dense_causal_attention`), which is what a cached chunk needs; SDPA's
+    `is_causal=True` would align it to the top-left. Differentiable on every path.
     """
-    config = config or SampleConfig()
-    validate_inputs(q, k, v, enable_gqa=enable_gqa)
+    config = as_config(config)
+    validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale)
     reason = dense_reason(q, k, config)
-    if not torch.compiler.is_compiling():
-        path_counts["sparse" if reason is None else f"dense:{reason}"] += 1
+    record(reason, tuple(q.shape))
     if reason is not None:
-        logger.debug("flexsample: dense attention (%s) for q %s", reason, tuple(q.shape))
         return dense_causal_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
+    return sparse_attention(q, k, v, config, scale=scale)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SampleConfig,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The sparse path alone, for a causal prefill the caller has already routed here
+    (`paths.dense_reason` is None): SampleAttention's mask, then attention under it.
+    q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D(v)]` -> `[B, Hq, S, Dv]`."""
     block_mask = sample_block_mask(q, k, config, scale=scale)
-    scale = _resolve_scale(q, scale)
-    enable_gqa = q.shape[1] != k.shape[1]
     return attention_with_mask(
-        q, k, v, block_mask, scale=scale, enable_gqa=enable_gqa,
-        kernel_options=_kernel_options(q, config),
+        q, k, v, block_mask, scale=resolve_scale(q, scale), enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=kernel_options(q, config),
     )  # fmt: skip

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from flexsample.config import SampleConfig
-from flexsample.mask import block_density
-from flexsample.reference import causal_probs
+from flexsample.metrics import block_density, causal_probs, column_mass
 
 _NEVER = torch.iinfo(torch.int64).max // 2
 
@@ -85,18 +84,6 @@ def window_sink(target: torch.Tensor, seq_len: int, config: SampleConfig) -> tor
     column_rank[..., 0] = 0
     diagonal_rank = torch.arange(num_q, device=target.device).expand(*target.shape, num_q)
     return _grow_to(column_rank, diagonal_rank, target, seq_len, config)
-
-
-def column_mass(
-    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
-) -> torch.Tensor:
-    """Exact causal attention mass per key block summed over all rows: `[B, Hq, nKV]`."""
-    key_block = torch.arange(k.shape[2], device=q.device) // config.kv_block
-    num_kv = -(-k.shape[2] // config.kv_block)
-    mass = torch.zeros(*q.shape[:2], num_kv, device=q.device)
-    for _, probs in causal_probs(q, k, scale):
-        mass.index_add_(-1, key_block, probs.sum(-2))
-    return mass
 
 
 def oracle_columns(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 
@@ -18,7 +17,7 @@ _SCORE_BACKENDS = ("auto", "torch", "triton")
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Configuration of SampleAttention (DESIGN §1).
+    """Configuration of SampleAttention (ALGORITHM §2-§4).
 
     alpha: CRA threshold; the kept share of sampled attention mass, in (0, 1]. Paper default.
     window_ratio: local window as a fraction of the sequence length, in [0, 1]. Paper: 8%.
@@ -32,9 +31,9 @@ class SampleConfig:
     min_seq_len: sequences shorter than this run dense SDPA (sparsity does not pay there).
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
-    score_backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton": the path
-        of stage 1 and of the mask's block lists; the environment variable
-        FLEXSAMPLE_SCORES overrides "auto" for debugging.
+    score_backend: "auto" (Triton on CUDA where Triton is installed, PyTorch elsewhere),
+        "torch" or "triton": the path of stage 1 and of the mask's block lists
+        (`layout.use_kernels`, the one place this is decided).
     """
 
     alpha: float = 0.95
@@ -58,7 +57,8 @@ class SampleConfig:
             raise ValueError(f"sample_block={self.sample_block} is out of range: allowed 1..128")
         for name in ("q_block", "kv_block"):
             value = getattr(self, name)
-            if isinstance(value, bool) or value not in _BLOCK_SIZES:
+            # type(...) is int: 128.0 == 128 would pass a membership test, then fail as an index.
+            if type(value) is not int or value not in _BLOCK_SIZES:
                 raise ValueError(f"{name}={value!r} is not allowed: use one of {_BLOCK_SIZES}")
         _check_int("min_seq_len", self.min_seq_len, 0)
         if self.max_stripe_ratio is not None:
@@ -106,19 +106,6 @@ class SampleConfig:
         hi = (first_row + self.q_block - 1) // self.kv_block
         return lo.clamp(min=0), hi.clamp(max=(seq_len - 1) // self.kv_block)
 
-    def resolved_score_backend(self, device: torch.device) -> str:
-        """ "torch" or "triton" for inputs on `device`, after "auto" and FLEXSAMPLE_SCORES."""
-        choice = self.score_backend
-        if choice == "auto":
-            choice = os.environ.get("FLEXSAMPLE_SCORES", "auto")
-            if choice not in _SCORE_BACKENDS:
-                raise ValueError(
-                    f"FLEXSAMPLE_SCORES={choice!r} is not allowed: use one of {_SCORE_BACKENDS}"
-                )
-        if choice == "auto":
-            choice = "triton" if device.type == "cuda" else "torch"
-        return choice
-
 
 def _check_range(
     name: str, value: object, low: float, high: float, *, low_open: bool = False
@@ -133,3 +120,15 @@ def _check_range(
 def _check_int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}={value!r} is out of range: allowed an integer >= {low}")
+
+
+def as_config(config: object) -> SampleConfig:
+    """`config`, or the default for None; anything else is a `TypeError` naming what to pass."""
+    if config is None:
+        return SampleConfig()
+    if not isinstance(config, SampleConfig):
+        raise TypeError(
+            f"config must be a flexsample.SampleConfig or None, got {type(config).__name__} "
+            "(build one with SampleConfig(alpha=..., window_ratio=..., ...))"
+        )
+    return config

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from flexsample import SampleConfig, sample_attention, sample_block_mask
-from flexsample.mask import density, kept_blocks
-from flexsample.reference import true_cra
-from flexsample.testing import structured_qkv
+from flexsample.block_mask import kept_blocks
+from flexsample.metrics import density, true_cra
+from flexsample.synthetic import structured_qkv
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Pure-PyTorch oracle of SampleAttention (DESIGN §1, steps 1-5): the spec, not the fast path.
+"""Pure-PyTorch oracle of SampleAttention (ALGORITHM §2-§5, steps 1-5): the spec, not the fast
+path.
 
 Everything here favours clarity: it materialises `[n, S]` and `[S, S]` tensors and loops over
 heads, so use it only at test sizes. Every fast path is tested against these functions.
@@ -7,14 +8,14 @@ heads, so use it only at test sizes. Every fast path is tested against these fun
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 
 from flexsample.config import SampleConfig
 
 
-def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+def expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """k or v `[B, Hkv, S, D]` repeated to `[B, Hq, S, D]` (GQA groups are contiguous)."""
     return x.repeat_interleave(num_q_heads // x.shape[1], dim=1)
 
 
@@ -30,7 +31,7 @@ def reference_block_scores(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = config.sampled_rows(seq_len, q.device).flatten()
     rows = rows[rows >= 0].long()
-    k = _expand_kv(k, q.shape[1]).double()
+    k = expand_kv(k, q.shape[1]).double()
     logits = torch.einsum("bhnd,bhsd->bhns", q[:, :, rows].double(), k) * scale
     keys = torch.arange(seq_len, device=q.device)
     logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
@@ -111,7 +112,7 @@ def masked_attention(
 ) -> torch.Tensor:
     """Dense attention under a token mask `[B, Hq, S, S]`, in float64; returns q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k, v = _expand_kv(k, q.shape[1]).double(), _expand_kv(v, q.shape[1]).double()
+    k, v = expand_kv(k, q.shape[1]).double(), expand_kv(v, q.shape[1]).double()
     logits = torch.einsum("bhid,bhjd->bhij", q.double(), k) * scale
     probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
     return torch.einsum("bhij,bhjd->bhid", probs, v).to(q.dtype)
@@ -126,43 +127,3 @@ def reference_attention(
 ) -> torch.Tensor:
     """Step 5: SampleAttention output `[B, Hq, S, Dv]` under the reference mask."""
     return masked_attention(q, k, v, reference_mask(q, k, config, scale), scale)
-
-
-def causal_probs(
-    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, rows: torch.Tensor | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exact causal softmax rows, chunk by chunk: yields (row indices `[c]`, probs
-    `[B, Hq, c, S]` float32). Memory is O(chunk * S), never S×S."""
-    batch, heads, seq_len, _ = q.shape
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k = _expand_kv(k, heads).float()
-    keys = torch.arange(seq_len, device=q.device)
-    rows = keys if rows is None else rows.to(q.device)
-    budget = 1 << (28 if q.is_cuda else 24)  # logits elements per chunk: 1 GiB / 64 MiB
-    chunk = max(1, budget // (batch * heads * seq_len))
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        logits = q[:, :, part].float() @ k.transpose(-1, -2) * scale
-        yield part, logits.masked_fill(keys[None, :] > part[:, None], float("-inf")).softmax(-1)
-
-
-def true_cra(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    keep: torch.Tensor,
-    config: SampleConfig,
-    scale: float | None = None,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Share of each row's full causal attention mass inside the kept blocks: `[B, Hq, S]`,
-    or `[B, Hq, len(rows)]` for the given query rows only (a cheaper estimate at large S).
-
-    keep `[B, Hq, nQ, nKV]` is a block keep matrix (e.g. `mask.kept_blocks(block_mask)`).
-    The paper's CRA is the minimum of this over rows; report min, low percentiles and mean.
-    """
-    key_block = torch.arange(k.shape[2], device=q.device) // config.kv_block
-    shares = [
-        (probs * keep[:, :, part // config.q_block][..., key_block]).sum(-1)
-        for part, probs in causal_probs(q, k, scale, rows)
-    ]
-    return torch.cat(shares, -1)

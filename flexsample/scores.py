@@ -7,65 +7,46 @@ O(B·Hq·n·chunk + B·Hq·nKV) and never S×S.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 
-from flexsample.config import SampleConfig
+from flexsample.layout import Layout
 
-# Elements of one [B, Hq, n, chunk] logits tile: 16M fp32 = 64 MiB.
-_CHUNK_ELEMENTS = 1 << 24
+#: Elements of one [B, Hq, n, chunk] logits tile of the PyTorch path: 16M fp32 = 64 MiB.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def block_scores(
-    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+    q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scores `[B, Hq, nKV]` and covered window mass `[B, Hq]` (float32) of the sampled rows.
 
-    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` with Hq a multiple of Hkv (no copy of k for GQA).
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` with Hq a multiple of Hkv (no copy of k for GQA);
+    the Triton kernel where `layout.kernels`, else the PyTorch path.
     """
-    if use_triton(config, q.device):
+    if layout.kernels:
         from flexsample.kernels.sampling import triton_block_scores
 
-        return triton_block_scores(q, k, config, scale)
-    return torch_block_scores(q, k, config, scale)
-
-
-def use_triton(config: SampleConfig, device: torch.device) -> bool:
-    """Whether the Triton kernels (stage-1 scores, block lists) serve inputs on `device`:
-    `config.score_backend` after FLEXSAMPLE_SCORES; "auto" falls back to PyTorch on a CUDA
-    machine without Triton, a forced "triton" off CUDA needs the interpreter."""
-    backend = config.resolved_score_backend(device)
-    if backend == "triton" and config.score_backend == "auto" and not _triton_available():
-        return False
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"the Triton kernels need a CUDA device (got {device.type}); set "
-            "TRITON_INTERPRET=1 before importing flexsample to run them in the interpreter"
-        )
-    return backend == "triton"
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return triton_block_scores(q, k, layout, scale)
+    return torch_block_scores(q, k, layout, scale)
 
 
 def torch_block_scores(
-    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: Layout,
+    scale: float,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch path of `block_scores`, chunked over keys."""
+    """The PyTorch path of `block_scores`, chunked over keys (`chunk_elements` logits a step)."""
+    config = layout.config
     batch, heads, seq_len, dim = q.shape
     kv_heads, group = k.shape[1], heads // k.shape[1]
     # The padded tile table (pads are -1) keeps shapes static under torch.compile: pad rows
     # are computed on row 0 and weighted out; the row count is a tensor, so there is no sync.
-    table = config.sampled_rows(seq_len, q.device).flatten()
+    table = layout.rows.flatten()
     rows = table.clamp(min=0).long()
     n = rows.numel()
     real = (table >= 0).repeat(group).float()
@@ -75,7 +56,7 @@ def torch_block_scores(
 
     kvb = config.kv_block
     num_kv_blocks = math.ceil(seq_len / kvb)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * n * kvb)) * kvb
+    chunk = max(1, chunk_elements // max(1, batch * heads * n * kvb)) * kvb
 
     def chunk_logits(start: int) -> torch.Tensor:
         keys = torch.arange(start, min(start + chunk, seq_len), device=q.device)
@@ -93,7 +74,7 @@ def torch_block_scores(
         row_max = new_max
     lse = row_max + torch.log(row_sum)
 
-    lo, hi = config.window_blocks(seq_len, q.device)
+    lo, hi = layout.win_lo, layout.win_hi
     row_block = row_of // config.q_block
     row_lo, row_hi = lo[row_block], hi[row_block]
     covered = torch.zeros_like(row_max)

@@ -6,35 +6,27 @@ import torch.nn.functional as F
 from hypothesis import given
 
 import flexsample
+import flexsample.attention as attention_module
 from flexsample import SampleConfig, sample_attention, sample_block_mask
-from flexsample.mask import kept_blocks
+from flexsample.block_mask import kept_blocks
 from flexsample.reference import masked_attention, reference_block_scores, reference_mask
 
 from strategies import configs, qkv, well_separated
-from tolerance import OUTPUT_TOL
-
-
-def _sdpa(q, k, v):
-    return F.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True
-    ).to(q.dtype)
-
-
-def _assert_close(out, expected):
-    atol, rtol = OUTPUT_TOL[out.dtype]
-    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+from tolerance import assert_output_close, causal_mask
 
 
 @given(qkv(), configs(alpha=1.0))
 def test_alpha_one_equals_sdpa(inputs, config):
     q, k, v = inputs
-    _assert_close(sample_attention(q, k, v, config, enable_gqa=True), _sdpa(q, k, v))
+    out = sample_attention(q, k, v, config, enable_gqa=True)
+    assert_output_close(out, q, k, v, causal_mask(q))
 
 
 @given(qkv(), configs(window_ratio=1.0))
 def test_full_window_equals_sdpa(inputs, config):
     q, k, v = inputs
-    _assert_close(sample_attention(q, k, v, config, enable_gqa=True), _sdpa(q, k, v))
+    out = sample_attention(q, k, v, config, enable_gqa=True)
+    assert_output_close(out, q, k, v, causal_mask(q))
 
 
 @given(qkv(), configs())
@@ -47,9 +39,23 @@ def test_sparse_path_is_exact_for_its_mask(inputs, config):
     scores, covered = reference_block_scores(q, k, config)
     if q.dtype == torch.float32 and well_separated(scores, covered, config.alpha, 1e-5):
         assert torch.equal(mask, reference_mask(q, k, config))
-    _assert_close(
-        sample_attention(q, k, v, config, enable_gqa=True), masked_attention(q, k, v, mask)
-    )
+    assert_output_close(sample_attention(q, k, v, config, enable_gqa=True), q, k, v, mask)
+
+
+def test_planted_wrong_block_fails_the_output_check():
+    """The output bound is tight enough to see one misplaced block of the mask."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 32, generator=gen).bfloat16() for _ in range(3))
+    config = SampleConfig(min_seq_len=0, q_block=32, kv_block=32, alpha=0.9)
+    keep = kept_blocks(sample_block_mask(q, k, config))
+    idx = torch.arange(256)
+    mask = keep[:, :, idx // 32][..., idx // 32] & (idx[None, :] <= idx[:, None])
+    out = sample_attention(q, k, v, config)
+    assert_output_close(out, q, k, v, mask)
+    moved = mask.clone()
+    moved[..., 200:224, 0:32] = ~moved[..., 200:224, 0:32]  # one block of one query block
+    with pytest.raises(AssertionError, match="output relative RMS error"):
+        assert_output_close(out, q, k, v, moved)
 
 
 def test_custom_scale_is_used():
@@ -57,8 +63,7 @@ def test_custom_scale_is_used():
     q, k, v = (torch.randn(1, 2, 70, 16) for _ in range(3))
     config = SampleConfig(alpha=1.0, min_seq_len=0, q_block=16, kv_block=16)
     out = sample_attention(q, k, v, config, scale=0.7)
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.7)
-    _assert_close(out, expected)
+    assert_output_close(out, q, k, v, causal_mask(q), scale=0.7)
 
 
 def test_block_mask_has_query_heads():
@@ -86,7 +91,71 @@ def test_grads_equal_sdpa(device):
     assert flexsample.path_counts == {"sparse": 1}
 
 
-# --- dense fallbacks (DESIGN §3) -------------------------------------------------------------
+def test_backward_through_a_sparse_mask_matches_the_reference():
+    """alpha < 1: gradients of the sparse path are those of attention under its mask."""
+    gen = torch.Generator().manual_seed(3)
+    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16, alpha=0.8, window_ratio=0.1)
+    q, k = torch.randn(2, 4, 150, 16, generator=gen) * 2, torch.randn(2, 2, 150, 16, generator=gen)
+    v = torch.randn(2, 2, 150, 16, generator=gen)
+    keep = kept_blocks(sample_block_mask(q, k, config))
+    idx = torch.arange(150)
+    mask = keep[:, :, idx // 16][..., idx // 16] & (idx[None, :] <= idx[:, None])
+    assert mask.sum() < causal_mask(q).sum() * q.shape[0] * q.shape[1]  # really sparse
+    grads = []
+    for fn, dtype in ((sample_attention, torch.float32), (None, torch.float64)):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        if fn is None:
+            out = masked_attention(*leaves, mask)
+        else:
+            out = fn(*leaves, config, enable_gqa=True)
+        (out * torch.linspace(-1, 1, 16, dtype=dtype)).sum().backward()
+        grads.append([x.grad for x in leaves])
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_key_reaches_only_rows_that_see_it():
+    """A NaN in key j stays out of rows i < j on the sparse path, as with SDPA."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=gen) for _ in range(3))
+    k[:, :, 60] = float("nan")
+    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16, alpha=1.0)
+    out = sample_attention(q, k, v, config)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.isfinite(expected[:, :, :60]).all()
+    torch.testing.assert_close(out[:, :, :60], expected[:, :, :60], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(out[:, :, 60:]).all()
+
+
+def test_cpu_sparse_path_has_no_seq_by_seq_tensor():
+    """Memory is O(chunk × S): no op of the CPU sparse path outputs S×S elements per head."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    seq_len, heads = 2048, 2
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq_len, 16, generator=gen) for _ in range(3))
+    config = SampleConfig(min_seq_len=0, alpha=0.9)
+    block_mask = sample_block_mask(q, k, config)
+    with LargestOutput() as mode:
+        chunked = attention_module.cpu_block_sparse_attention(
+            q, k, v, block_mask, chunk_elements=heads * seq_len * 128
+        )
+    assert mode.largest <= heads * seq_len * 128 * 2, mode.largest  # never heads * S * S
+    whole = attention_module.cpu_block_sparse_attention(q, k, v, block_mask, chunk_elements=1 << 40)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+# --- dense fallbacks (ALGORITHM §5) -------------------------------------------------------------
 
 
 @pytest.fixture
@@ -144,7 +213,7 @@ def test_sparse_path_is_counted(counts):
     assert counts == {"sparse": 1}
 
 
-# --- invalid input (DESIGN §3) ---------------------------------------------------------------
+# --- invalid input (ALGORITHM §5) ---------------------------------------------------------------
 
 _X = torch.randn(1, 2, 8, 16)
 
@@ -182,10 +251,19 @@ _X = torch.randn(1, 2, 8, 16)
         ((_X, _X, _X), {"scale": float("nan")}, ValueError, "scale must be a finite float"),
     ],
 )
-def test_invalid_input_raises_clear_error(args, kwargs, error, message):
-    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16)
+@pytest.mark.parametrize("min_seq_len", [0, 100], ids=["sparse", "dense"])
+def test_invalid_input_raises_clear_error(args, kwargs, error, message, min_seq_len):
+    config = SampleConfig(min_seq_len=min_seq_len, q_block=16, kv_block=16)
     with pytest.raises(error, match=message):
         sample_attention(*args, config, **kwargs)
+
+
+@pytest.mark.parametrize("config", [{"alpha": 0.9}, "default", 0.9])
+def test_config_that_is_not_a_sample_config_is_a_clear_error(config):
+    with pytest.raises(TypeError, match="config must be a flexsample.SampleConfig or None"):
+        sample_attention(_X, _X, _X, config)
+    with pytest.raises(TypeError, match="config must be a flexsample.SampleConfig or None"):
+        sample_block_mask(_X, _X, config)
 
 
 def test_block_mask_rejects_non_prefill_and_float64():

@@ -5,9 +5,9 @@ import torch
 
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.baselines import oracle_columns, vertical_slash, window_sink
-from flexsample.mask import block_density, density, keep_block_mask, kept_blocks
-from flexsample.reference import true_cra
-from flexsample.testing import structured_qkv
+from flexsample.block_mask import keep_block_mask, kept_blocks
+from flexsample.metrics import block_density, density, true_cra
+from flexsample.synthetic import structured_qkv
 
 CONFIG = SampleConfig(min_seq_len=0, q_block=64, kv_block=64)
 LENGTH = 4096

@@ -1,10 +1,11 @@
 """The run-time check that an SDPA mask is exactly causal."""
 
+import functools
+
 import pytest
 import torch
 
-from flexsample.compile import causal_mask
-from flexsample.compile.causal_mask import is_causal_mask
+from flexsample import causal_mask
 
 
 def _causal(length, batch=1, heads=1):
@@ -16,16 +17,14 @@ def _additive(mask, blocked):
 
 
 @pytest.fixture(params=[1 << 26, 50, "triton"], ids=["one-chunk", "many-chunks", "kernel"])
-def chunk(request, monkeypatch):
+def is_causal_mask(request):
     if request.param == "triton":  # the CUDA path, in Triton's interpreter on CPU
-        monkeypatch.setattr(causal_mask, "KERNEL", "triton")
-    else:
-        monkeypatch.setattr(causal_mask, "_CHUNK_ELEMENTS", request.param)
-    monkeypatch.setattr(causal_mask, "_last", None)
+        return functools.partial(causal_mask.is_causal_mask, kernel="triton")
+    return functools.partial(causal_mask.is_causal_mask, chunk_elements=request.param)
 
 
 @pytest.mark.parametrize("length", [1, 2, 17, 130])
-def test_causal_masks_are_recognised(chunk, length):
+def test_causal_masks_are_recognised(is_causal_mask, length):
     assert is_causal_mask(_causal(length, batch=2, heads=3))
     assert is_causal_mask(_causal(length).contiguous())
     assert is_causal_mask(_additive(_causal(length), float("-inf")))
@@ -34,7 +33,7 @@ def test_causal_masks_are_recognised(chunk, length):
 
 
 @pytest.mark.parametrize("length", [2, 17, 130])
-def test_other_masks_are_not(chunk, length):
+def test_other_masks_are_not(is_causal_mask, length):
     padded = _causal(length, batch=2).clone()
     padded[1, :, :, 0] = False  # one padded key in the second sequence only
     assert not is_causal_mask(padded)
@@ -49,15 +48,20 @@ def test_other_masks_are_not(chunk, length):
     assert not is_causal_mask(_causal(length).int())
 
 
-def test_answer_is_remembered_per_tensor_and_version():
+def test_every_call_reads_the_mask(is_causal_mask):
+    """Nothing is remembered: a write the version counter cannot see (through .numpy()) is
+    seen by the next check."""
     mask = _causal(64).clone()
     assert is_causal_mask(mask)
-    mask[..., 3, 1] = False  # in place: the version counter changes
+    version = mask._version
+    mask.numpy()[..., 3, 1] = False
+    assert mask._version == version
     assert not is_causal_mask(mask)
-    assert is_causal_mask(_causal(64).clone())
+    mask[..., 3, 1] = True
+    assert is_causal_mask(mask)
 
 
-def test_same_row_counts_in_other_places_are_not_causal():
+def test_same_row_counts_in_other_places_are_not_causal(is_causal_mask):
     mask = _causal(40).clone()
     mask[..., 5, 2] = False
     mask[..., 5, 6] = True  # row 5 still keeps 6 keys

@@ -23,6 +23,14 @@ def fresh():
     counters.clear()
 
 
+def _rewritten() -> int:
+    return sum(len(graph.rewritten) for graph in report().graphs)
+
+
+def _skipped() -> list[tuple[str, str]]:
+    return [item for graph in report().graphs for item in graph.skipped]
+
+
 def _ids(batch=1, length=300, seed=0):
     return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -34,8 +42,8 @@ def test_rewrites_one_call_per_layer_and_alpha_one_equals_sdpa(arch):
     with torch.no_grad():
         expected = model(ids).logits
         got = torch.compile(model, backend=flexsample.backend(DENSE_EQUIVALENT))(ids).logits
-    assert report().rewritten == model.config.num_hidden_layers
-    assert report().skipped == []
+    assert _rewritten() == model.config.num_hidden_layers
+    assert _skipped() == []
     assert flexsample.path_counts == {"sparse": model.config.num_hidden_layers}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -105,7 +113,7 @@ def test_generate_prefill_sparse_decode_dense():
         got = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, expected)
     assert flexsample.path_counts["sparse"] == 2  # prefill, both layers
-    assert report().rewritten >= 2
+    assert _rewritten() >= 2
 
 
 def test_padded_batch_runs_sdpa_with_its_mask_and_matches_dense():
@@ -155,7 +163,7 @@ def test_explicit_causal_mask_is_rewritten_and_checked_at_run_time(additive):
         assert flexsample.path_counts == {"sparse": 1}
         torch.testing.assert_close(compiled(x, padding), module(x, padding))
     assert flexsample.path_counts == {"sparse": 1, "dense:mask": 1}
-    assert report().rewritten == 2 and report().skipped == []
+    assert _rewritten() == 2 and _skipped() == []
 
 
 def test_no_graph_breaks_added():
@@ -193,16 +201,16 @@ def test_non_causal_and_masked_sdpa_and_plain_models_run_unchanged():
     x = torch.randn(1, 50, 32)
     with torch.no_grad():
         expected = encoder(x)
-        got = torch.compile(encoder, backend="flexsample")(x)
+        got = torch.compile(encoder, backend=flexsample.backend(SPARSE))(x)
         mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
         torch.testing.assert_close(
             torch.compile(mlp, backend="flexsample")(x[..., :8]), mlp(x[..., :8])
         )
     torch.testing.assert_close(got, expected)
     # The masked call may be causal as far as the graph shows; at run time its mask is not.
-    assert report().rewritten == 1
+    assert _rewritten() == 1
     assert flexsample.path_counts == {"dense:mask": 1}
-    reasons = [reason for _, reason in report().skipped]
+    reasons = [reason for _, reason in _skipped()]
     assert reasons == ["not causal (is_causal=False) and no mask"]
 
 
@@ -211,8 +219,8 @@ def test_training_graph_is_not_rewritten():
     ids = _ids(length=64)
     out = torch.compile(model, backend=flexsample.backend(SPARSE))(ids, labels=ids)
     out.loss.backward()
-    assert report().rewritten == 0
-    assert any("require grad" in reason for _, reason in report().skipped)
+    assert _rewritten() == 0
+    assert any("require grad" in reason for _, reason in _skipped())
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
@@ -221,7 +229,7 @@ def test_op_returns_the_layout_its_fake_promises(layout, mask):
     """Real and fake outputs must agree on strides: compiled code reads the real output with
     the fake's. transformers passes `[B, S, H, D]`-major views; every path must hand back
     that layout, and the values of SDPA."""
-    from flexsample.compile.op import _empty_like_query, config_to_str
+    from flexsample.op import _empty_like_query, config_to_str
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 200, 16, generator=gen) for _ in range(3))
@@ -236,3 +244,50 @@ def test_op_returns_the_layout_its_fake_promises(layout, mask):
         out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-4
     )
     assert flexsample.path_counts["sparse"] == 1
+
+
+def test_report_is_per_graph_and_says_what_ran():
+    """A recompile is its own entry; "rewritten" is not "ran sparse": the run-time paths of
+    each graph's calls are counted apart."""
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend=flexsample.backend(SampleConfig(min_seq_len=200)))
+    with torch.no_grad():
+        compiled(_ids(length=100))  # below min_seq_len: rewritten, but dense
+        compiled(_ids(length=300))  # a new static length: a second graph, sparse
+    first, second = report().graphs[0], report().graphs[-1]
+    assert first.paths() == {"dense:short": 2}
+    assert second.paths() == {"sparse": 2}
+    assert len(report().graphs) == 2
+    assert "dense:short 2" in str(first) and "sparse 2" in str(second)
+
+
+def test_report_says_when_a_graph_has_no_sdpa_call():
+    model = tiny_model("llama", attn_implementation="eager")
+    with torch.no_grad():
+        torch.compile(model, backend="flexsample")(_ids(length=64))
+    assert all(graph.sdpa_calls == 0 for graph in report().graphs)
+    assert "no compiled graph calls SDPA" in str(report())
+    assert "no SDPA call" in str(report().graphs[0])
+
+
+def test_op_keeps_sdpa_top_left_alignment_for_shorter_queries():
+    """The op replaces SDPA calls, so is_causal=True with Sq < Skv keeps SDPA's top-left rule
+    (sample_attention's own rule is end-aligned: test_attention)."""
+    from flexsample.op import config_to_str
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 7, 16, generator=gen), *(torch.randn(1, 2, 40, 16) for _ in "kv")
+    out = torch.ops.flexsample.sample_attention(q, k, v, None, None, False, config_to_str(SPARSE))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert flexsample.path_counts == {"dense:q_len!=kv_len": 1}
+
+
+def test_op_rejects_bad_scale_on_every_path():
+    from flexsample.op import config_to_str
+
+    q = torch.randn(1, 2, 20, 16)
+    for config in (SPARSE, SampleConfig(min_seq_len=100)):
+        with pytest.raises(ValueError, match="scale must be a finite float"):
+            torch.ops.flexsample.sample_attention(
+                q, q, q, None, float("nan"), False, config_to_str(config)
+            )

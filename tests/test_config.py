@@ -80,15 +80,22 @@ def test_window_blocks_cover_window_and_diagonal(seq_len, ratio, q_block, kv_blo
         assert lo[qb] <= first // kv_block <= hi[qb]
 
 
-def test_score_backend_resolution(monkeypatch):
+def test_kernel_choice_is_one_decision(monkeypatch):
+    from flexsample.layout import use_kernels
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("FLEXSAMPLE_SCORES", raising=False)
-    assert SampleConfig().resolved_score_backend(cpu) == "torch"
-    assert SampleConfig().resolved_score_backend(cuda) == "triton"
-    assert SampleConfig(score_backend="torch").resolved_score_backend(cuda) == "torch"
-    monkeypatch.setenv("FLEXSAMPLE_SCORES", "triton")
-    assert SampleConfig().resolved_score_backend(cpu) == "triton"
-    assert SampleConfig(score_backend="torch").resolved_score_backend(cpu) == "torch"
-    monkeypatch.setenv("FLEXSAMPLE_SCORES", "gpu")
-    with pytest.raises(ValueError, match="FLEXSAMPLE_SCORES='gpu'"):
-        SampleConfig().resolved_score_backend(cpu)
+    assert not use_kernels(SampleConfig(), cpu)
+    assert use_kernels(SampleConfig(), cuda)
+    assert not use_kernels(SampleConfig(score_backend="torch"), cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_kernels(SampleConfig(score_backend="triton"), cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        use_kernels(SampleConfig(score_backend="triton"), cpu)
+
+
+@pytest.mark.parametrize("field", ["q_block", "kv_block"])
+@pytest.mark.parametrize("value", [128.0, True, "128"])
+def test_block_sizes_must_be_integers(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r} is not allowed"):
+        SampleConfig(**{field: value})

@@ -6,15 +6,13 @@ from flexsample import SampleConfig
 from flexsample.reference import (
     masked_attention,
     reference_attention,
-    reference_block_keep,
     reference_block_scores,
     reference_mask,
     reference_select,
-    true_cra,
 )
 
 from strategies import configs, qkv
-from tolerance import OUTPUT_TOL
+from tolerance import assert_output_close, causal_mask
 
 
 @given(qkv(dtypes=(torch.float32,)), configs())
@@ -44,28 +42,7 @@ def test_selection_reaches_alpha_minimally(inputs, config):
 @given(qkv(), configs(alpha=1.0))
 def test_alpha_one_is_dense_causal(inputs, config):
     q, k, v = inputs
-    out = reference_attention(q, k, v, config)
-    dense = F.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True
-    ).to(q.dtype)
-    atol, rtol = OUTPUT_TOL[q.dtype]
-    torch.testing.assert_close(out, dense, atol=atol, rtol=rtol)
-
-
-@given(qkv(dtypes=(torch.float32,)), configs())
-def test_true_cra_matches_token_mask(inputs, config):
-    q, k, _ = inputs
-    seq_len = q.shape[2]
-    scores, covered = reference_block_scores(q, k, config)
-    keep = reference_block_keep(reference_select(scores, covered, config), seq_len, config)
-    mask = reference_mask(q, k, config)
-    kv = k.repeat_interleave(q.shape[1] // k.shape[1], 1).double()
-    logits = q.double() @ kv.transpose(-1, -2) / q.shape[-1] ** 0.5
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-    expected = (probs * mask).sum(-1).float()
-    torch.testing.assert_close(true_cra(q, k, keep, config), expected, atol=1e-5, rtol=1e-5)
-    assert torch.all(true_cra(q, k, torch.ones_like(keep), config) > 1 - 1e-5)
+    assert_output_close(reference_attention(q, k, v, config), q, k, v, causal_mask(q))
 
 
 def test_masked_attention_matches_sdpa_with_mask():

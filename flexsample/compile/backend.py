@@ -7,12 +7,12 @@ from collections.abc import Callable
 import torch
 
 from flexsample.compile.rewrite import rewrite_sdpa
-from flexsample.config import SampleConfig
+from flexsample.config import SampleConfig, as_config
 
 
 def backend(config: SampleConfig | None = None) -> Callable:
     """A torch.compile backend using `config`: `torch.compile(model, backend=backend(cfg))`."""
-    config = config or SampleConfig()
+    config = as_config(config)
 
     def flexsample(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx

@@ -4,20 +4,23 @@ A call qualifies when it has no dropout, its 4-D inputs need no gradient, and it
 `is_causal=True` with no mask, or `is_causal=False` with a `[..., S, S]` mask that may be the
 causal one (transformers passes causal masks explicitly when traced). A masked call keeps its
 mask: the op checks it at run time and runs SampleAttention only if it is exactly causal, so
-padding or custom masks keep SDPA's answer. Every other call stays as it is, and each decision
-is recorded with its reason (`report()`).
+padding or custom masks keep SDPA's answer. Every other call stays as it is. Each graph's
+decisions are recorded with their reasons, and each rewritten call is a named site whose
+run-time paths the op counts (`report()`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import logging
 
 import torch
 import torch.fx
 
-from flexsample.compile.op import config_to_str  # also registers torch.ops.flexsample
 from flexsample.config import SampleConfig
+from flexsample.op import config_to_str, site_paths  # also registers torch.ops.flexsample
 
 logger = logging.getLogger("flexsample")
 
@@ -41,24 +44,63 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 
 @dataclasses.dataclass
-class RewriteReport:
-    """What the pass did across the graphs it saw since the last `reset_report()`."""
+class GraphReport:
+    """What the pass did to one graph the backend compiled (a recompile is a new graph)."""
 
-    rewritten: int = 0
+    index: int
+    sdpa_calls: int = 0
+    rewritten: list[str] = dataclasses.field(default_factory=list)  # op call sites
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (node, reason)
 
+    def paths(self) -> collections.Counter[str]:
+        """Paths the rewritten calls took at run time so far: "sparse" / "dense:<reason>"."""
+        total: collections.Counter[str] = collections.Counter()
+        for site in self.rewritten:
+            total.update(site_paths[site])
+        return total
 
-_report = RewriteReport()
+    def __str__(self) -> str:
+        if not self.sdpa_calls:
+            return f"graph {self.index}: no SDPA call (nothing for flexsample to make sparse)"
+        ran = ", ".join(f"{path} {n}" for path, n in sorted(self.paths().items())) or "not run"
+        skipped = "".join(f"\n  left as SDPA: {node} ({why})" for node, why in self.skipped)
+        return (
+            f"graph {self.index}: {self.sdpa_calls} SDPA call(s), {len(self.rewritten)} "
+            f"rewritten to the flexsample op; at run time: {ran}{skipped}"
+        )
 
 
-def report() -> RewriteReport:
-    """Rewritten-call count and skipped calls with reasons, since the last reset."""
+@dataclasses.dataclass
+class CompileReport:
+    """One `GraphReport` per graph compiled since the last `reset_report()`, in order."""
+
+    graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "flexsample backend: no graph compiled yet"
+        lines = [str(graph) for graph in self.graphs]
+        if not any(graph.sdpa_calls for graph in self.graphs):
+            lines.append(
+                "no compiled graph calls SDPA: flexsample changed nothing (a model loaded with "
+                'attn_implementation="eager" computes attention without SDPA)'
+            )
+        return "\n".join(lines)
+
+
+_report = CompileReport()
+_site_numbers = itertools.count()
+
+
+def report() -> CompileReport:
+    """Per-graph rewrites, skipped calls with reasons, and run-time paths since the last reset;
+    `print(report())` reads it out."""
     return _report
 
 
 def reset_report() -> None:
     global _report
-    _report = RewriteReport()
+    _report = CompileReport()
 
 
 def _sdpa_arguments(node: torch.fx.Node) -> dict[str, object]:
@@ -111,30 +153,35 @@ def _skip_reason(args: dict[str, object]) -> str | None:
 def rewrite_sdpa(gm: torch.fx.GraphModule, config: SampleConfig) -> int:
     """Rewrite the qualifying SDPA calls of `gm` in place; returns how many were rewritten."""
     config_str = config_to_str(config)
+    graph = GraphReport(index=len(_report.graphs))
+    _report.graphs.append(graph)
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
             continue
+        graph.sdpa_calls += 1
         args = _sdpa_arguments(node)
         reason = _skip_reason(args)
         if reason is not None:
-            _report.skipped.append((node.name, reason))
+            graph.skipped.append((node.name, reason))
             logger.info("flexsample: left %s as SDPA: %s", node.name, reason)
             continue
+        # Graph indices restart at a reset, site numbers never: old graphs may still run.
+        site = f"site{next(_site_numbers)}:{node.name}"
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.flexsample.sample_attention.default,
                 (args["query"], args["key"], args["value"], args["attn_mask"], args["scale"],
-                 args["enable_gqa"], config_str),
+                 args["enable_gqa"], config_str, site),
             )  # fmt: skip
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        graph.rewritten.append(site)
         count += 1
     if count:
         gm.graph.lint()
         gm.recompile()
-    _report.rewritten += count
     logger.info(
         "flexsample: rewrote %d SDPA call(s) in a graph of %d nodes", count, len(gm.graph.nodes)
     )

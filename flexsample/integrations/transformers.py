@@ -1,51 +1,105 @@
 """transformers integration: `attn_implementation="flexsample"` after `register()`.
 
-Plain causal prefill (equal query and key lengths, no dropout, and no mask or an exactly
-causal one, which transformers passes when it is traced) runs SampleAttention; a mask is
-checked at run time by the op the compiler pass also uses, so padded batches run SDPA with
-it. Everything else (decode steps, cached chunks, dropout, softcap) runs transformers' own
-SDPA attention function unchanged, with all its shape handling.
+The sparse path runs only for attention it fully understands: a causal prefill (query as long
+as the keys, S > 1) with no dropout, no inputs that require grad, and nothing in the call's
+keyword arguments or the module's attributes that changes the math beyond scaled dot-product
+attention (`fallback_reason`, an allow-list). It goes through the run-time op that the
+compiler pass also uses, which checks a given mask (padded batches run SDPA with it).
+Everything else runs the model's own correct attention: transformers' SDPA function, or the
+model's eager function where its family refuses SDPA (sinks, for example), with the mask
+converted to what that function expects. So soft-capping, attention sinks, sliding windows
+shorter than the keys, position biases, training and unknown future arguments keep eager's
+answer. Causal alignment: a shorter query (cached chunk, decode step) is aligned to the END
+of the keys, by transformers' own masks.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from flexsample.compile.op import config_to_str
-from flexsample.config import SampleConfig
+from flexsample.config import SampleConfig, as_config
+from flexsample.op import config_to_str
+from flexsample.paths import dense_reason
 
 NAME = "flexsample"
 
+#: Keyword arguments that do not change attention's math for unpacked inputs (position ids
+#: were used by RoPE before this call; the rest is bookkeeping of the caller).
+_IGNORED_KWARGS = frozenset(
+    {"position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
+     "layer_idx", "return_dict", "output_hidden_states", "token_type_ids"}
+)  # fmt: skip
+#: Features that change the math when given: attention runs the model's own path then.
+_FEATURE_KWARGS = frozenset(
+    {"softcap", "s_aux", "sinks", "position_bias", "alibi_slopes", "head_mask",
+     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "target_dtype"}
+)  # fmt: skip
 
-def is_plain_prefill(
+
+def fallback_reason(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
+    value: torch.Tensor,
     dropout: float,
     is_causal: bool | None,
     kwargs: dict,
-) -> bool:
-    """A causal prefill with nothing SampleAttention lacks: query `[B, H, S, D]` as long as
-    key (S > 1), no dropout, softcap, position bias or returned attention weights."""
+) -> str | None:
+    """Why this call is not for SampleAttention (None: it is). query `[B, Hq, Sq, D]`,
+    key/value `[B, Hkv, Skv, D]`; `kwargs` are the extra keyword arguments of the call."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return "inputs require grad (the op has no backward; training runs the model's path)"
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return bool(
-        causal
-        and dropout == 0.0
-        and query.shape[2] > 1
-        and query.shape[2] == key.shape[2]
-        and kwargs.get("softcap") is None
-        and kwargs.get("position_bias") is None
-        and not kwargs.get("output_attentions", False)
-    )
+    if not causal:
+        return "not causal"
+    if dropout:
+        return f"dropout={dropout}"
+    if query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
+        return "not a prefill (query shorter than the keys)"
+    if getattr(module, "sinks", None) is not None:
+        return "attention sinks"
+    for name, value_ in kwargs.items():
+        if name in _IGNORED_KWARGS or value_ is None:
+            continue
+        if name == "output_attentions":
+            if value_:
+                return "output_attentions=True"
+        elif name == "sliding_window":
+            if value_ < key.shape[2]:
+                return f"sliding window {value_} < {key.shape[2]} keys"
+        elif name in _FEATURE_KWARGS:
+            return f"{name} given"
+        else:
+            return f"unknown argument {name!r}"
+    return None
+
+
+def door_reason(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    is_causal: bool | None,
+    kwargs: dict,
+    config: SampleConfig,
+) -> str | None:
+    """Why this door runs a call dense (its allow-list, then `paths.dense_reason` on the
+    tensors and mask, as the op decides it), or None when it runs sparse."""
+    reason = fallback_reason(module, query, key, value, dropout, is_causal, kwargs)
+    return reason if reason is not None else dense_reason(query, key, config, attention_mask)
 
 
 def make_attention_forward(config: SampleConfig | None = None):
     """A transformers attention function (the `sdpa_attention_forward` signature) using config."""
-    config = config or SampleConfig()
-    config_str = config_to_str(config)
+    config_str = config_to_str(as_config(config))
 
     def flexsample_attention_forward(
         module: torch.nn.Module,
@@ -57,20 +111,67 @@ def make_attention_forward(config: SampleConfig | None = None):
         scaling: float | None = None,
         is_causal: bool | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, None]:
-        if not is_plain_prefill(module, query, key, dropout, is_causal, kwargs):
-            return sdpa_attention_forward(
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if fallback_reason(module, query, key, value, dropout, is_causal, kwargs) is not None:
+            return model_attention(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                 is_causal=is_causal, **kwargs,
             )  # fmt: skip
         # Through the op, so that the sparse-or-dense decision is taken at run time under
         # torch.compile too, on the real mask.
         out = torch.ops.flexsample.sample_attention(
-            query, key, value, attention_mask, scaling, True, config_str
+            query, key, value, attention_mask, scaling, True, config_str, "transformers"
         )
         return out.transpose(1, 2).contiguous(), None
 
     return flexsample_attention_forward
+
+
+def model_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What transformers runs for this module without flexsample: its SDPA function, or the
+    module's own eager function where the model family refuses SDPA. `attention_mask` is in
+    SDPA's format (bool, or None for plain causal); eager gets it as an additive float mask."""
+    eager = _eager_function(type(module))
+    if eager is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = _additive_mask(attention_mask, query, key)
+    kwargs.pop("is_causal", None)
+    return eager(module, query, key, value, mask, **kwargs)
+
+
+@functools.cache
+def _eager_function(module_type: type):
+    """The modeling file's eager attention function where its model refuses SDPA, else None."""
+    modeling = sys.modules.get(module_type.__module__)
+    models = [
+        obj
+        for obj in vars(modeling).values()
+        if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj is not PreTrainedModel
+    ] if modeling is not None else []  # fmt: skip
+    if all(getattr(model, "_supports_sdpa", False) for model in models):
+        return None
+    return getattr(modeling, "eager_attention_forward", None)
+
+
+def _additive_mask(
+    mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+) -> torch.Tensor:
+    """SDPA's mask (None: causal, aligned to the end of the keys; or bool `[B, 1, Sq, Skv]`)
+    as eager's additive float mask in the query's dtype."""
+    if mask is None:
+        rows = torch.arange(query.shape[2], device=query.device) + key.shape[2] - query.shape[2]
+        mask = (torch.arange(key.shape[2], device=query.device) <= rows[:, None])[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    lowest = torch.finfo(query.dtype).min
+    return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, lowest)
 
 
 def register(config: SampleConfig | None = None, name: str = NAME) -> str:

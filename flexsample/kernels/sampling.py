@@ -37,10 +37,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from flexsample.config import SampleConfig
+from flexsample.layout import Layout
 
-# Launch parameters, chosen on the H100 with bench/score_kernel.py (results there).
-LAUNCH = {"num_warps": 4, "num_stages": 3}
+#: Warps and pipeline stages of the first kernel, chosen on the H100 with bench/score_kernel.py
+#: (64 blocks, 4 warps, 3 stages within 1% of the best at 64K and 128K; results there).
+NUM_WARPS, NUM_STAGES = 4, 3
 #: KV blocks per program of the first kernel (a tile's causal prefix is split in such chunks).
 SPLIT_BLOCKS = 64
 
@@ -187,15 +188,19 @@ def sample_block_scores(
     scale: float,
     q_block: int,
     kv_block: int,
+    split_blocks: int,
+    num_warps: int,
+    num_stages: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]`, rows `[tiles, sample_block]` (int32, -1 pads),
-    window block bounds `[nQ]` (int32) -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), fp32."""
+    window block bounds `[nQ]` (int32) -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), fp32.
+    `split_blocks` KV blocks per program; `num_warps`, `num_stages` of the first kernel."""
     batch, heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
     num_tiles, sample_block = rows.shape
     num_kv_blocks = triton.cdiv(seq_len, kv_block)
-    chunk = SPLIT_BLOCKS
+    chunk = split_blocks
     num_splits = triton.cdiv(num_kv_blocks, chunk)
     # Zeros: programs write only blocks up to their tile's causal limit.
     partial = torch.zeros(batch, heads, num_tiles, num_kv_blocks, device=q.device)
@@ -212,7 +217,8 @@ def sample_block_scores(
         q, k, rows, block_lse, part_m, part_l, *q.stride(), *k.stride(),
         seq_len, kv_heads, num_tiles, num_kv_blocks, num_splits, chunk,
         scale * math.log2(math.e), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", **tile_args, **LAUNCH,
+        UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", **tile_args,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     wrap_triton(_block_mass_kernel)[grid](
         rows, win_lo, win_hi, block_lse, part_m, part_l, partial, covered,
@@ -223,12 +229,18 @@ def sample_block_scores(
 
 
 def triton_block_scores(
-    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: Layout,
+    scale: float,
+    *,
+    split_blocks: int = SPLIT_BLOCKS,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.block_scores` through the Triton kernel (same signature and result)."""
-    seq_len = q.shape[2]
-    rows = config.sampled_rows(seq_len, q.device)
-    lo, hi = config.window_blocks(seq_len, q.device)
+    """`scores.block_scores` through the Triton kernel (same result); launch knobs for sweeps."""
+    config = layout.config
     return sample_block_scores(
-        q, k, rows, lo.to(torch.int32), hi.to(torch.int32), scale, config.q_block, config.kv_block
-    )
+        q, k, layout.rows, layout.win_lo.to(torch.int32), layout.win_hi.to(torch.int32), scale,
+        config.q_block, config.kv_block, split_blocks, num_warps, num_stages,
+    )  # fmt: skip

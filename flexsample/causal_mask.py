@@ -3,56 +3,41 @@
 transformers builds an explicit mask instead of `is_causal=True` when it is traced (5.17
 does so for every causal model under torch.compile), so a compiled graph may pass a causal
 mask that is indistinguishable from a padding mask until run time. The op checks the real
-tensor (on CUDA with a Triton kernel at memory speed, elsewhere row chunk by row chunk so
-that no second S×S tensor is allocated) and remembers the answer for the tensor it saw: keyed
-by the live base tensor (compiled code may hand each layer its own view of one buffer), the
-view's geometry and the shared version counter.
+tensor on every call (on CUDA with a Triton kernel at memory speed, elsewhere row chunk by
+row chunk so that no second S×S tensor is allocated). Nothing is remembered across calls: an
+in-place write through `.numpy()` or `.data` does not bump a tensor's version counter, so no
+cache key can prove that a mask is unchanged (the check costs 7.65 ms per layer at 128K on
+the H200, bench/results/op_path.md).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-#: "auto" (the Triton kernel for CUDA masks of up to 4 dims), "triton" or "torch"; tests
-#: force the kernel on CPU in Triton's interpreter.
-KERNEL = "auto"
-
-#: Elements compared per step; bounds the temporaries of a check to a few hundred MiB.
-_CHUNK_ELEMENTS = 1 << 26
-
-_last: tuple[weakref.ref, tuple, bool] | None = None
+#: Elements compared per step off CUDA; bounds the temporaries of a check to a few hundred MiB.
+CHUNK_ELEMENTS = 1 << 26
 
 
 def _blocked_values(dtype: torch.dtype) -> tuple[float, ...]:
     return (float("-inf"), torch.finfo(dtype).min)
 
 
-def is_causal_mask(mask: torch.Tensor) -> bool:
+def is_causal_mask(
+    mask: torch.Tensor, *, kernel: str = "auto", chunk_elements: int = CHUNK_ELEMENTS
+) -> bool:
     """True when `mask` (`[..., S, S]`, bool or float additive) is exactly causal.
 
     Bool masks must be True on and below the diagonal and False above it; float masks must be
     0 on and below and `-inf` or the dtype's lowest value above. Every leading position (batch,
     head) is checked, so a padded batch is never taken for causal.
+
+    `kernel` "auto" reads CUDA masks of up to 4 dims with the Triton kernel (every entry, in one
+    read) and others with `chunk_elements`-sized PyTorch steps; "triton" forces the kernel
+    (tests run it on CPU in Triton's interpreter). The PyTorch check compares row and column
+    counts of kept entries only, two reductions and no comparison tensor: a 0/1 matrix whose
+    row counts are 1, 2, ..., S and column counts S, S-1, ..., 1 (the conjugate partition) is
+    unique (Gale-Ryser), so it is the causal one.
     """
-    global _last
-    base = mask if mask._base is None else mask._base
-    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.dtype, mask._version)
-    if _last is not None:
-        ref, last_key, answer = _last
-        if ref() is base and last_key == key:
-            return answer
-    answer = _check(mask)
-    _last = (weakref.ref(base), key, answer)
-    return answer
-
-
-def _check(mask: torch.Tensor) -> bool:
-    """On CUDA (masks of up to 4 dims) every entry, in one read, by the Triton kernel.
-    Elsewhere row and column counts of kept entries only, two reductions and no comparison
-    tensor: a 0/1 matrix whose row counts are 1, 2, ..., S and column counts S, S-1, ..., 1
-    (the conjugate partition) is unique (Gale-Ryser), so it is the causal one."""
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
@@ -60,11 +45,11 @@ def _check(mask: torch.Tensor) -> bool:
     length = mask.shape[-1]
     if length == 0:
         return True
-    if KERNEL == "triton" or (KERNEL == "auto" and mask.is_cuda and mask.dim() <= 4):
+    if kernel == "triton" or (kernel == "auto" and mask.is_cuda and mask.dim() <= 4):
         from flexsample.kernels.causal_check import triton_is_causal
 
         return triton_is_causal(mask)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (length * max(1, mask[..., 0, 0].numel())))
+    rows_per_chunk = max(1, chunk_elements // (length * max(1, mask[..., 0, 0].numel())))
     index = torch.arange(length, device=mask.device)
     ok = torch.ones((), dtype=torch.bool, device=mask.device)
     column_counts = torch.zeros(mask.shape[:-2] + (length,), dtype=torch.int64, device=mask.device)

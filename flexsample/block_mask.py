@@ -1,9 +1,9 @@
-"""Scores -> stage-2 selection -> window ∪ stripes -> `BlockMask`, all on-device.
+"""Window ∪ stripes -> `BlockMask`, on-device, and the block/token views of a BlockMask.
 
-Vectorised tensor code only (sort, cumsum, gather): no loop over heads or blocks and no host
-sync, so it runs inside `torch.compile(fullgraph=True)`. The block indices come from the
-mask's structure (a sorted stripe list and a window range), not from a sort or a scan over
-`[B, H, nQ, nKV]` (DESIGN §7).
+Vectorised tensor code only (cumsum, gather): no loop over heads or blocks and no host sync,
+so it runs inside `torch.compile(fullgraph=True)`. The block indices come from the mask's
+structure (a sorted stripe list and a window range), not from a sort or a scan over
+`[B, H, nQ, nKV]` (ALGORITHM §4).
 """
 
 from __future__ import annotations
@@ -12,25 +12,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample.config import SampleConfig
-from flexsample.scores import use_triton
-
-
-def select_stripes(
-    scores: torch.Tensor, covered: torch.Tensor, config: SampleConfig
-) -> torch.Tensor:
-    """Stripe blocks `[B, H, nKV]` (bool): the shortest prefix of blocks by descending score
-    (ties: lower index first) with `covered + kept >= alpha`; alpha = 1 keeps all."""
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    # float64 running sum, covered first: the reference's exact sequence of additions, so
-    # decisions at the alpha boundary match it.
-    running = torch.cat([covered[..., None], sorted_scores[..., :-1]], -1).double()
-    keep_sorted = torch.cumsum(running, -1) < config.alpha  # mass kept before each block
-    if config.alpha >= 1.0:
-        keep_sorted = torch.ones_like(keep_sorted)
-    if config.max_stripe_ratio is not None:
-        cap = int(config.max_stripe_ratio * scores.shape[-1])
-        keep_sorted &= torch.arange(scores.shape[-1], device=scores.device) < cap
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+from flexsample.layout import Layout
 
 
 def sampled_causal_mask_mod(stripes: torch.Tensor, win_lo: torch.Tensor, config: SampleConfig):
@@ -51,31 +33,33 @@ def sampled_causal_mask_mod(stripes: torch.Tensor, win_lo: torch.Tensor, config:
 
 
 def build_block_mask(
-    stripes: torch.Tensor, seq_len: int, config: SampleConfig, *, compute_q_blocks: bool = False
+    stripes: torch.Tensor, layout: Layout, *, compute_q_blocks: bool = False
 ) -> BlockMask:
     """Window ∪ stripes `[B, H, nKV]` -> causal `BlockMask` (step 4), from the structure.
 
-    The block lists come from the Triton kernel where `config` picks the kernels (eager only:
-    traced code keeps the PyTorch ops, which inductor fuses), else from `torch_block_lists`.
+    The block lists come from the Triton kernel where `layout.kernels`, else from
+    `torch_block_lists`.
     """
-    lo, hi = config.window_blocks(seq_len, stripes.device)
-    if use_triton(config, stripes.device) and not torch.compiler.is_compiling():
+    config = layout.config
+    if layout.kernels:
         from flexsample.kernels.block_lists import triton_block_lists
 
-        lists = triton_block_lists(stripes, lo, hi, config.q_block, config.kv_block)
+        lists = triton_block_lists(
+            stripes, layout.win_lo, layout.win_hi, config.q_block, config.kv_block
+        )
     else:
-        lists = torch_block_lists(stripes, lo, hi, config)
+        lists = torch_block_lists(stripes, layout)
     return BlockMask.from_kv_blocks(
         *lists,
         BLOCK_SIZE=(config.q_block, config.kv_block),
-        mask_mod=sampled_causal_mask_mod(stripes, lo, config),
-        seq_lengths=(seq_len, seq_len),
+        mask_mod=sampled_causal_mask_mod(stripes, layout.win_lo, config),
+        seq_lengths=(layout.seq_len, layout.seq_len),
         compute_q_blocks=compute_q_blocks,
     )
 
 
 def torch_block_lists(
-    stripes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: SampleConfig
+    stripes: torch.Tensor, layout: Layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stripes `[B, H, nKV]` (bool) and window bounds `[nQ]` -> (kv_num `[B, H, nQ]`, kv_idx
     `[B, H, nQ, nKV]`, full_num, full_idx), int32: the partial and full block lists.
@@ -85,6 +69,7 @@ def torch_block_lists(
     block ending before qb's first row) are full and the rest partial. So the full indices are
     a gather from the ascending stripe list followed by a range, and the partial ones a range.
     """
+    config, lo, hi = layout.config, layout.win_lo, layout.win_hi
     num_kv = stripes.shape[-1]
     device = stripes.device
     first_row = torch.arange(len(lo), device=device) * config.q_block
@@ -161,32 +146,3 @@ def token_mask(block_mask: BlockMask) -> torch.Tensor:
     rows = torch.arange(seq_q, device=keep.device)
     keys = torch.arange(seq_kv, device=keep.device)
     return keep[:, :, rows // q_block][..., keys // kv_block] & (keys[None, :] <= rows[:, None])
-
-
-def _causal_pairs_upto(x: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Pairs (i, j) with i <= x, first <= j <= last, j <= i (float64, broadcasting)."""
-    width = last - first + 1
-    inside = torch.clamp(torch.minimum(x, last) - first + 1, min=0)
-    return inside * (inside + 1) / 2 + torch.clamp(x - last, min=0) * width
-
-
-def density(block_mask: BlockMask) -> torch.Tensor:
-    """Kept share of the causal (query, key) pairs, per batch and head: `[B, H]` float32."""
-    seq_q, seq_kv = block_mask.seq_lengths
-    return block_density(kept_blocks(block_mask), seq_q, seq_kv, *block_mask.BLOCK_SIZE)
-
-
-def block_density(
-    keep: torch.Tensor, seq_q: int, seq_kv: int, q_block: int, kv_block: int
-) -> torch.Tensor:
-    """Kept share of the causal pairs of a block keep matrix `[..., nQ, nKV]`: `[...]` float32."""
-    opts = {"device": keep.device, "dtype": torch.float64}
-    row_first = torch.arange(keep.shape[-2], **opts)[:, None] * q_block
-    row_last = torch.clamp(row_first + q_block - 1, max=seq_q - 1)
-    key_first = torch.arange(keep.shape[-1], **opts)[None, :] * kv_block
-    key_last = torch.clamp(key_first + kv_block - 1, max=seq_kv - 1)
-    pairs = _causal_pairs_upto(row_last, key_first, key_last) - _causal_pairs_upto(
-        row_first - 1, key_first, key_last
-    )
-    total = seq_q * (seq_q + 1) / 2
-    return ((keep.double() * pairs).sum((-1, -2)) / total).float()

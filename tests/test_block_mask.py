@@ -7,18 +7,16 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
 from flexsample import SampleConfig
-from flexsample.mask import (
-    build_block_mask,
-    density,
-    kept_blocks,
-    select_stripes,
-)
+from flexsample.block_mask import build_block_mask, kept_blocks
+from flexsample.layout import make_layout
+from flexsample.metrics import density
 from flexsample.reference import (
     reference_block_keep,
     reference_block_scores,
     reference_select,
     reference_token_mask,
 )
+from flexsample.selection import select_stripes
 
 from strategies import configs, qkv
 
@@ -61,7 +59,7 @@ def test_block_mask_invariants(inputs, config):
     seq_len = q.shape[2]
     scores, covered = reference_block_scores(q, k, config)
     stripes = select_stripes(scores, covered, config)
-    block_mask = build_block_mask(stripes, seq_len, config)
+    block_mask = build_block_mask(stripes, make_layout(config, seq_len, q.device))
     keep = kept_blocks(block_mask)
     assert torch.equal(keep, reference_block_keep(stripes, seq_len, config))
     num_q, num_kv = math.ceil(seq_len / config.q_block), math.ceil(seq_len / config.kv_block)
@@ -99,7 +97,8 @@ def test_larger_alpha_or_window_never_removes_a_block(inputs, config, d_alpha, d
 
     def keep(cfg):
         scores, covered = reference_block_scores(q, k, cfg)
-        return kept_blocks(build_block_mask(select_stripes(scores, covered, cfg), seq_len, cfg))
+        layout = make_layout(cfg, seq_len, q.device)
+        return kept_blocks(build_block_mask(select_stripes(scores, covered, cfg), layout))
 
     base = keep(config)
     more_alpha = SampleConfig(**{**config.__dict__, "alpha": min(1.0, config.alpha + d_alpha)})
@@ -107,10 +106,10 @@ def test_larger_alpha_or_window_never_removes_a_block(inputs, config, d_alpha, d
         **{**config.__dict__, "window_ratio": min(1.0, config.window_ratio + d_window)}
     )
     assert torch.all(keep(more_alpha) >= base)
-    # DESIGN §1 also lists "a larger window_ratio never removes a block"; that is false for the
-    # algorithm it defines (a wider window covers more mass, so fewer stripes reach alpha, and a
-    # stripe used far from the diagonal can go). What holds: every block of the narrower
-    # window stays, and the sampled rows still keep >= alpha.
+    # The original design also listed "a larger window_ratio never removes a block"; that is
+    # false for the algorithm it defines (a wider window covers more mass, so fewer stripes
+    # reach alpha, and a stripe used far from the diagonal can go; ALGORITHM §8). What holds:
+    # every block of the narrower window stays, and the sampled rows still keep >= alpha.
     no_stripes = SampleConfig(**{**wider.__dict__, "alpha": 1e-9})
     base_window = keep(SampleConfig(**{**config.__dict__, "alpha": 1e-9}))
     assert torch.all(keep(wider) >= base_window)
@@ -126,7 +125,8 @@ def test_mask_build_compiles_fullgraph_without_recompiles():
     torch._dynamo.reset()
 
     def build(scores, covered):
-        return kept_blocks(build_block_mask(select_stripes(scores, covered, config), 200, config))
+        layout = make_layout(config, 200, torch.device("cpu"), kernels=False)
+        return kept_blocks(build_block_mask(select_stripes(scores, covered, config), layout))
 
     compiled = torch.compile(build, fullgraph=True)
     from torch._dynamo.utils import counters

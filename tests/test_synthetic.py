@@ -3,9 +3,8 @@
 import torch
 
 from flexsample import SampleConfig
-from flexsample.baselines import column_mass
-from flexsample.reference import causal_probs
-from flexsample.testing import structured_qkv
+from flexsample.metrics import causal_probs, column_mass
+from flexsample.synthetic import structured_qkv
 
 CONFIG = SampleConfig(min_seq_len=0, q_block=64, kv_block=64)
 

@@ -1,0 +1,95 @@
+"""`flexsample::sample_attention`: the one run-time door under both integrations.
+
+The compiler pass puts it where an SDPA call was; the transformers attention function calls
+it for plain causal prefill. An opaque custom op, so every decision (`paths.dense_reason`:
+length, dtype, device, and whether a given mask is the causal one) is taken at run time on
+the real tensors: one compiled graph serves every input of a length, short prompts, padded
+batches and decode steps included, and dynamic shapes need no guards on our conditions.
+It has no autograd formula: both doors send inputs that require grad elsewhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from flexsample.attention import sparse_attention, validate_inputs
+from flexsample.config import SampleConfig
+from flexsample.paths import dense_reason, record
+
+#: Paths each call site of the op took at run time: site -> Counter("sparse" / "dense:<why>").
+site_paths: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(
+    collections.Counter
+)
+
+
+def config_to_str(config: SampleConfig) -> str:
+    """A config as the op's string argument (JSON of its fields)."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _config_from_str(text: str) -> SampleConfig:
+    return SampleConfig(**json.loads(text))
+
+
+@torch.library.custom_op("flexsample::sample_attention", mutates_args=())
+def sample_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    enable_gqa: bool,
+    config: str,
+    site: str = "",
+) -> torch.Tensor:
+    """Causal SDPA, sparse where SampleAttention applies. Shapes `[B, H, S, D]`.
+
+    Without `attn_mask` it is `scaled_dot_product_attention(q, k, v, is_causal=True, ...)`:
+    unequal lengths keep SDPA's TOP-LEFT alignment, since the op replaces such SDPA calls.
+    With one it is `scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, ...)`, sparse
+    only when the mask is exactly causal over equal lengths. `site` names the call site for
+    `site_paths` (the compiler pass's report).
+    """
+    validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale)
+    reason = dense_reason(q, k, _config_from_str(config), attn_mask)
+    site_paths[site][record(reason, tuple(q.shape))] += 1
+    if reason is not None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
+    else:
+        # transformers hands over transposed views ([B, S, H, D] memory); the score kernel
+        # and flex run ~1.5x slower on them at 128K (bench/op_path.py) than the copy costs.
+        out = sparse_attention(
+            *(t.contiguous() for t in (q, k, v)), _config_from_str(config), scale=scale
+        )
+    # Most calls already return q's layout: compare strides on a meta tensor, so that the
+    # real output-sized buffer exists only when a copy is needed.
+    if out.stride() == _empty_like_query(q, v.shape[-1], "meta").stride():
+        return out
+    return _empty_like_query(q, v.shape[-1]).copy_(out)
+
+
+def _empty_like_query(
+    q: torch.Tensor, value_dim: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """`[B, H, S, Dv]` laid out in memory like q (SDPA and flex return q's layout; transformers
+    passes `[B, S, H, D]`-major q): the fake and real outputs must agree on strides."""
+    order = sorted(range(q.dim()), key=lambda d: q.stride(d), reverse=True)
+    shape = [*q.shape[:-1], value_dim]
+    return q.new_empty([shape[d] for d in order], device=device).permute(
+        *[order.index(d) for d in range(q.dim())]
+    )
+
+
+@sample_attention_op.register_fake
+def _(q, k, v, attn_mask, scale, enable_gqa, config, site=""):
+    return _empty_like_query(q, v.shape[-1])

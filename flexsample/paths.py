@@ -1,0 +1,58 @@
+"""Sparse, or dense and why: the one decision every door takes (ALGORITHM §5).
+
+`sample_attention`, the run-time op behind the compiler pass and the transformers door, and
+the benchmarks all ask `dense_reason`; `path_counts` records what ran.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+
+from flexsample.causal_mask import is_causal_mask
+from flexsample.config import SampleConfig
+
+logger = logging.getLogger("flexsample")
+
+#: How often each path ran in eager calls: "sparse" or "dense:<reason>".
+path_counts: collections.Counter[str] = collections.Counter()
+
+SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SPARSE_DEVICES = ("cpu", "cuda")
+
+
+def dense_reason(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig,
+    attn_mask: torch.Tensor | None = None,
+) -> str | None:
+    """Why valid inputs q `[B, Hq, Sq, D]`, k `[B, Hkv, Skv, D]` (and an SDPA `attn_mask`, if
+    any) run dense, or None when the sparse path applies.
+
+    Cheap checks first; a given mask is read last, and only the exactly causal mask over equal
+    lengths runs sparse (padding and custom masks keep SDPA's answer).
+    """
+    if q.shape[2] != k.shape[2]:
+        return "q_len!=kv_len"
+    if q.shape[2] < config.min_seq_len:
+        return "short"
+    if q.dtype not in SPARSE_DTYPES:
+        return f"dtype:{str(q.dtype).removeprefix('torch.')}"
+    if q.device.type not in SPARSE_DEVICES:
+        return f"device:{q.device.type}"
+    if attn_mask is not None and not is_causal_mask(attn_mask):
+        return "mask"
+    return None
+
+
+def record(reason: str | None, shape: tuple[int, ...]) -> str:
+    """Count and log the path a call takes; returns its name ("sparse" or "dense:<reason>")."""
+    path = "sparse" if reason is None else f"dense:{reason}"
+    if not torch.compiler.is_compiling():
+        path_counts[path] += 1
+    if reason is not None:
+        logger.debug("flexsample: dense attention (%s) for q %s", reason, shape)
+    return path
