@@ -201,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training flags (shared with `bench.realtext --train`)."""
     parser.add_argument("--out", default="bench/checkpoints/realtext",
                         help="directory for the checkpoint, tokenizer and token cache")
-    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=4.5, help="training time budget")
     parser.add_argument("--max-len", type=int, default=16384, help="last curriculum length")
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--tiny", action="store_true",
