@@ -1,5 +1,5 @@
 """nox sessions: tests (CPU suite), props (hypothesis, many examples), lint, gpu, bench, niah,
-bench-cpu.
+realtext, bench-cpu.
 
 Every session installs torch==2.13.0 first (a CPU build here; a GPU machine already has its
 own torch, which `--no-deps`-free installs keep as long as it satisfies torch>=2.11).
@@ -63,6 +63,18 @@ def niah(session: nox.Session) -> None:
     session.run(
         "python", "-m", "bench.niah", "--model", out, "--samples", "20", "--max-new-tokens", "3"
     )
+
+
+@nox.session(venv_backend="none")
+def realtext(session: nox.Session) -> None:
+    """GPU: train the real-text judge on the installed packages' source, then evaluate every
+    masking method on held-out packages (one command, < 10 min); or `-- --model PATH` to
+    evaluate a checkpoint trained before (other `bench.realtext` flags pass through)."""
+    if any(arg.startswith("--model") for arg in session.posargs):
+        session.run("python", "-m", "bench.realtext", *session.posargs)
+        return
+    session.run("python", "-m", "bench.realtext", "--train", "--out",
+                "bench/checkpoints/realtext", *session.posargs)  # fmt: skip
 
 
 @nox.session(name="bench-cpu")

@@ -5,7 +5,9 @@ For each length and config, per method: density (kept share of the causal area),
 head; the 1st percentile over rows), and the output's relative error vs dense attention
 (max and mean over heads). Methods: flexsample at each alpha and sample ratio; at each
 alpha's per-head density, window + sink, the exact-column-mass oracle and MInference's
-vertical-slash estimate (`flexsample.baselines`). Inputs: `flexsample.synthetic.structured_qkv`.
+vertical-slash estimate (`flexsample.baselines`). Inputs: `flexsample.synthetic.structured_qkv`,
+or with `--qkv PATH` a real model's captured q/k/v (one input per saved layer; written by
+`python -m bench.realtext`, results `accuracy_qkv`).
 Writes bench/results/accuracy.{md,json} (CPU: bench/results/cpu/); `bench.plot` draws it.
 
 GPU: `python -m bench.accuracy`; CPU (S <= 8K): `python -m bench.accuracy --cpu-smoke`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from flexsample.block_mask import keep_block_mask, kept_blocks
 from flexsample.metrics import block_density, column_mass, density, true_cra
 from flexsample.synthetic import structured_qkv
 
-COLUMNS = ["S", "alpha", "sample_ratio", "method", "density", "CRA mean", "CRA worst head",
+COLUMNS = ["input", "S", "alpha", "sample_ratio", "method", "density", "CRA mean", "CRA worst head",
            "CRA p1", "err max", "err mean"]  # fmt: skip
 
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all-rows-upto", type=int, default=32768,
                         help="true CRA over every row up to this S, else 4096 evenly spaced rows")
     parser.add_argument("--cpu-smoke", action="store_true", help="S <= 8K on the CPU")
+    parser.add_argument("--qkv", default=None,
+                        help="captured q/k/v file (bench.realtext) instead of synthetic inputs")
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -67,10 +72,24 @@ def main(argv: list[str] | None = None) -> None:
         shape, dtype, device, out_dir = (32, 8, 128), torch.bfloat16, "cuda", RESULTS
         lengths, base = args.lengths, SampleConfig(min_seq_len=0)
     heads, kv_heads, dim = shape
+    name, source = "accuracy", "structured"
+    if args.qkv:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        captured = torch.load(args.qkv)
+        name, source = "accuracy_qkv", f"{args.qkv} ({captured.get('source', '?')})"
+        out_dir = RESULTS if device == "cuda" else RESULTS / "cpu"
+        inputs = [(f"layer {layer}", captured["q"][i].shape[2],
+                   _captured(captured, i, device)) for i, layer in enumerate(captured["layers"])]
+        heads, kv_heads, dim = (inputs[0][2].q.shape[1], inputs[0][2].k.shape[1],
+                                inputs[0][2].q.shape[3])  # fmt: skip
+        dtype = inputs[0][2].q.dtype
+    else:
+        inputs = ((f"structured S={n}", n, None) for n in lengths)
     rows_out = []
 
-    def record(seq_len, alpha, ratio, method, values):
-        row = {"S": seq_len, "alpha": alpha, "sample_ratio": ratio, "method": method, **values}
+    def record(label, seq_len, alpha, ratio, method, values):
+        row = {"input": label, "S": seq_len, "alpha": alpha, "sample_ratio": ratio,
+               "method": method, **values}  # fmt: skip
         rows_out.append(row)
         progress(f"  {method:<16} alpha={alpha} ratio={ratio}: density={row['density']:.3f} "
                  f"CRA={row['CRA mean']:.4f} worst={row['CRA worst head']:.4f} "
@@ -79,8 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     def write(rows: list[dict]):
         notes = [
             f"Inputs: flexsample.synthetic.structured_qkv(seed=0), B=1, Hq={heads}, "
-            f"Hkv={kv_heads}, "
-            f"D={dim}, {dtype}; head kinds local/stripe/diffuse in turn.",
+            f"Hkv={kv_heads}, D={dim}, {dtype}; head kinds local/stripe/diffuse in turn."
+            if source == "structured"
+            else f"Inputs: captured q/k/v {source}, Hq={heads}, Hkv={kv_heads}, "
+            f"D={dim}, {dtype}, one input per layer.",
             f"Base config: {base}; rows vary alpha and sample_ratio.",
             "Baselines are matched per head to flexsample's density at the default sample ratio "
             "(the smallest mask of their pattern at or above it, so their density is never "
@@ -91,12 +112,13 @@ def main(argv: list[str] | None = None) -> None:
             "err: ||out - dense|| / ||dense|| per head (dense = SDPA is_causal, same dtype), max "
             "and mean over heads.",
         ]
-        return write_results("accuracy", "Accuracy at equal density",
+        return write_results(name, "Accuracy at equal density",
                              [("Accuracy", COLUMNS, rows)], notes, out_dir)  # fmt: skip
 
-    for seq_len in lengths:
-        progress(f"S={seq_len}: inputs, dense attention, exact column mass")
-        x = structured_qkv(1, heads, kv_heads, seq_len, dim, dtype=dtype, device=device)
+    for label, seq_len, x in inputs:
+        progress(f"{label}: inputs, dense attention, exact column mass")
+        if x is None:
+            x = structured_qkv(1, heads, kv_heads, seq_len, dim, dtype=dtype, device=device)
         dense = F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, enable_gqa=True)
         rows = None
         if seq_len > args.all_rows_upto:
@@ -107,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                 config = dataclasses.replace(base, alpha=alpha, sample_ratio=ratio)
                 block_mask = sample_block_mask(x.q, x.k, config)
                 keep = kept_blocks(block_mask)
-                record(seq_len, alpha, ratio, "flexsample", evaluate(x, keep, dense, config, rows))
+                record(label, seq_len, alpha, ratio, "flexsample",
+                       evaluate(x, keep, dense, config, rows))  # fmt: skip
                 if ratio != base.sample_ratio:
                     continue
                 target = density(block_mask)
@@ -117,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                     "vertical-slash": vertical_slash(x.q, x.k, target, config),
                 }
                 for method, keep in baselines.items():
-                    record(seq_len, alpha, ratio, method, evaluate(x, keep, dense, config, rows))
+                    record(label, seq_len, alpha, ratio, method,
+                           evaluate(x, keep, dense, config, rows))  # fmt: skip
         write(rows_out)  # after every length, so a stopped run keeps what it measured
         del x, dense, mass
         if device == "cuda":
@@ -125,6 +149,15 @@ def main(argv: list[str] | None = None) -> None:
 
     path = write(rows_out)
     print(open(path).read())
+
+
+def _captured(captured: dict, index: int, device: str) -> types.SimpleNamespace:
+    """Layer `index` of a bench.realtext q/k/v file on `device` (float32 on CPU: no bf16 SDPA
+    there worth timing, and the masks are computed in float32 anyway)."""
+    x = {name: captured[name][index].to(device) for name in "qkv"}
+    if device == "cpu":
+        x = {name: t.float() for name, t in x.items()}
+    return types.SimpleNamespace(**x)
 
 
 if __name__ == "__main__":

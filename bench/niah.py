@@ -79,6 +79,15 @@ def recording_flexsample(config: SampleConfig, log: DensityLog):
 def window_sink_attention(config: SampleConfig, log: DensityLog):
     """Window + sink at flexsample's per-head density on the same q/k; dense SDPA wherever
     flexsample would be dense (short prompts, decode steps, padding masks)."""
+    return baseline_attention(
+        config, log, lambda query, key, target, scale: window_sink(target, query.shape[2], config)
+    )
+
+
+def baseline_attention(config: SampleConfig, log: DensityLog, choose):
+    """An attention function running the block mask `choose(query, key, target, scale)`
+    returns (keep `[B, Hq, nQ, nKV]`; target `[B, Hq]` is flexsample's per-head density on the
+    same q/k, which `log` records); dense SDPA wherever flexsample would be dense."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
@@ -87,7 +96,7 @@ def window_sink_attention(config: SampleConfig, log: DensityLog):
                                           dropout=dropout, scaling=scaling, **kw)  # fmt: skip
         seq_len = query.shape[2]
         target = density(sample_block_mask(query, key, config, scale=scaling))
-        keep = window_sink(target, seq_len, config)
+        keep = choose(query, key, target, scaling)
         log.values.append(target.mean().item())
         out = attention_with_mask(query, key, value, keep_block_mask(keep, seq_len, config),
                                   scale=scaling, enable_gqa=query.shape[1] != key.shape[1])

@@ -3,7 +3,8 @@
 attention: speedup of flexsample's total (mask build + sparse attention) over SDPA cuDNN vs
 S, one line per config; ttft: prefill speedup over eager SDPA vs S, one line per mode;
 accuracy: true CRA and output error vs density, one marker per method; niah: exact-match
-heat maps, needle depth x context length, one per method.
+heat maps, needle depth x context length, one per method; realtext: perplexity ratio vs
+density, one marker per method.
 """
 
 from __future__ import annotations
@@ -108,6 +109,23 @@ def niah(directory: pathlib.Path, name: str = "niah") -> pathlib.Path:
     return directory / f"{name}.png"
 
 
+def realtext(directory: pathlib.Path, name: str = "realtext") -> pathlib.Path:
+    """Perplexity ratio vs dense (last 2K tokens, with its standard error) against density."""
+    rows, env = _load(name, directory)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        if isinstance(row.get("density"), float) and isinstance(row.get("ratio"), float):
+            ax.errorbar(row["density"], row["ratio"], yerr=row.get("ratio SE", 0.0), fmt="o",
+                        ms=4, capsize=2, label=row["method"])  # fmt: skip
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axhline(1.01, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("density (kept share of the causal area)")
+    ax.set_ylabel("perplexity of the last 2K tokens / dense")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"Real-text judge ({_subtitle(env)})", fontsize=9)
+    return _save(fig, directory / f"{name}.png")
+
+
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -115,7 +133,8 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-PLOTS = {"attention": attention, "ttft": ttft, "accuracy": accuracy, "niah": niah}
+PLOTS = {"attention": attention, "ttft": ttft, "accuracy": accuracy, "niah": niah,
+         "realtext": realtext}
 
 
 def main(argv: list[str] | None = None) -> None:

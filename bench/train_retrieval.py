@@ -76,6 +76,27 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, value_ids: torch
     return (hits.sum() / answers.sum().clamp(min=1)).item()
 
 
+def learning_rate(peak: float, step: int, elapsed: float, warmup: int = 100) -> float:
+    """Linear warm-up over `warmup` steps, then cosine in elapsed time (share of the time
+    budget, 0..1) down to 10% of `peak`: a time-budgeted run ends at the schedule's end."""
+    return peak * min(1.0, (step + 1) / warmup) * (
+        0.1 + 0.9 * math.cos(0.5 * math.pi * min(elapsed, 1.0)))
+
+
+def train_step(model, optimizer, ids: torch.Tensor, labels: torch.Tensor, lr: float):
+    """One AdamW step on ids/labels `[B, S]` at learning rate `lr` (bf16 autocast on CUDA,
+    gradient clipping at 1); returns the model output (loss, logits)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=ids.device.type == "cuda"):
+        out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def batch(rng, vocab, length: int, size: int, max_needles: int, device):
     most = max(1, min(max_needles, length // 64))  # 32-token sequences hold one needle
     examples = [training_example(rng, vocab, length, int(rng.integers(1, most + 1)))
@@ -154,18 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         size = min(128, max(1, args.tokens_per_step // length))
         passed = 0
         while time.perf_counter() < stage_end and passed < 2:
-            elapsed = (time.perf_counter() - start) / budget_s
-            lr = args.lr * min(1.0, (steps + 1) / 100) * (0.1 + 0.9 * math.cos(
-                0.5 * math.pi * min(elapsed, 1.0)))  # fmt: skip
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = learning_rate(args.lr, steps, (time.perf_counter() - start) / budget_s)
             ids, labels = batch(rng, vocab, length, size, args.max_needles, device)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(input_ids=ids, labels=labels)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = train_step(model, optimizer, ids, labels, lr)
             steps += 1
             if steps % CHECK_EVERY == 0:
                 entry = {"step": steps, "S": length, "seconds": time.perf_counter() - start,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from flexsample.config import SampleConfig
-from flexsample.metrics import block_density, causal_probs, column_mass
+from flexsample.metrics import block_density, block_mass, causal_probs, column_mass
 
 _NEVER = torch.iinfo(torch.int64).max // 2
 
@@ -127,3 +127,40 @@ def vertical_slash(
     slash.index_add_(-1, diagonal_of, probs.flatten(-2))
     rank = _rank(torch.cat([vertical, slash], -1))
     return _grow_to(rank[..., :num_kv], rank[..., num_kv:], target, seq_len, config)
+
+
+def oracle_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    target: torch.Tensor,
+    config: SampleConfig,
+    scale: float | None = None,
+    mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The diagonal blocks, then the causal blocks of largest exact attention mass
+    (`block_mass`, computed unless given), the shortest such prefix per head whose density
+    reaches `target` `[B, Hq]`: keep `[B, Hq, nQ, nKV]`. The ceiling of any block mask that
+    ranks blocks by their mass (it needs the full attention, so it is not a method)."""
+    seq_len = q.shape[2]
+    num_q, num_kv = _blocks(seq_len, config)
+    mass = block_mass(q, k, config, scale) if mass is None else mass
+    offset = torch.arange(num_q, device=q.device)[:, None] - torch.arange(
+        num_kv, device=q.device
+    )
+    diagonal = (offset == 0).expand_as(mass)
+    candidate = offset > 0
+    # Blocks below the diagonal are whole: rows(qb) x kv_block causal pairs each.
+    rows = (seq_len - torch.arange(num_q, device=q.device) * config.q_block).clamp(
+        max=config.q_block
+    )
+    pairs = (rows[:, None] * config.kv_block * candidate).double().flatten()
+    total = seq_len * (seq_len + 1) / 2
+    base = block_density(diagonal, seq_len, seq_len, config.q_block, config.kv_block).double()
+    score = mass.masked_fill(~candidate, float("-inf")).flatten(-2)
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    kept_before = torch.cumsum(pairs[order], -1) - pairs[order]  # density kept before each
+    keep_sorted = (base[..., None] + kept_before / total < target[..., None].double()) & (
+        candidate.flatten()[order]
+    )
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep.unflatten(-1, (num_q, num_kv)) | diagonal

@@ -68,6 +68,22 @@ def column_mass(
     return mass
 
 
+def block_mass(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
+) -> torch.Tensor:
+    """Exact causal attention mass of every (query block, key block): `[B, Hq, nQ, nKV]`, the
+    sum over the query block's rows of each row's probability mass in the key block. Chunk
+    by chunk (`causal_probs`), never S×S."""
+    seq_len = k.shape[2]
+    num_q, num_kv = -(-q.shape[2] // config.q_block), -(-seq_len // config.kv_block)
+    mass = torch.zeros(*q.shape[:2], num_q, num_kv, device=q.device)
+    for rows, probs in causal_probs(q, k, scale):
+        pad = num_kv * config.kv_block - seq_len
+        per_block = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (num_kv, -1)).sum(-1)
+        mass.index_add_(-2, rows // config.q_block, per_block)
+    return mass
+
+
 def _causal_pairs_upto(x: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Pairs (i, j) with i <= x, first <= j <= last, j <= i (float64, broadcasting)."""
     width = last - first + 1

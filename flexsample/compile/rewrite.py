@@ -76,6 +76,18 @@ class CompileReport:
 
     graphs: list[GraphReport] = dataclasses.field(default_factory=list)
 
+    @property
+    def rewritten(self) -> int:
+        """SDPA calls rewritten to the op, over all graphs (not how many ran sparse: `paths`)."""
+        return sum(len(graph.rewritten) for graph in self.graphs)
+
+    def paths(self) -> collections.Counter[str]:
+        """Run-time paths of the rewritten calls of every graph."""
+        total: collections.Counter[str] = collections.Counter()
+        for graph in self.graphs:
+            total.update(graph.paths())
+        return total
+
     def __str__(self) -> str:
         if not self.graphs:
             return "flexsample backend: no graph compiled yet"
