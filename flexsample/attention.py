@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexsample.config import SampleConfig
+from flexsample.flex_backend import kernel_options as flex_kernel_options
 from flexsample.mask import build_block_mask, select_stripes, token_mask
 from flexsample.scores import block_scores
 
@@ -144,14 +145,6 @@ def sample_block_mask(
         return build_block_mask(stripes, q.shape[2], config, compute_q_blocks=needs_grad)
 
 
-def _kernel_options(q: torch.Tensor, config: SampleConfig) -> dict[str, int] | None:
-    """Flex's CUDA kernel tiles must divide the mask blocks; cap them for blocks under 128."""
-    if q.device.type != "cuda" or min(config.q_block, config.kv_block) >= 128:
-        return None
-    m, n = min(config.q_block, 64), min(config.kv_block, 64)
-    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n, "BLOCK_M2": m, "BLOCK_N2": n}
-
-
 def attention_with_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -210,5 +203,5 @@ def sample_attention(
     enable_gqa = q.shape[1] != k.shape[1]
     return attention_with_mask(
         q, k, v, block_mask, scale=scale, enable_gqa=enable_gqa,
-        kernel_options=_kernel_options(q, config),
+        kernel_options=flex_kernel_options(q, config, k=k, v=v, block_mask=block_mask),
     )  # fmt: skip
