@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             "Baselines are matched per head to flexsample's density at the default sample ratio "
             "(the smallest mask of their pattern at or above it, so their density is never "
             "lower); every method keeps the diagonal blocks.",
-            "CRA: true CRA of ALGORITHM §6 (share of a row's full causal attention mass kept), mean "
+            "CRA: true CRA of ALGORITHM §6 (share of a row's full causal attention mass kept), "
+            "mean "
             f"over rows then heads; over every row for S <= {args.all_rows_upto}, else over 4096 "
             "evenly spaced rows. 'CRA p1' is the 1st percentile over all (head, row) pairs.",
             "err: ||out - dense|| / ||dense|| per head (dense = SDPA is_causal, same dtype), max "

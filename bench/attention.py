@@ -6,7 +6,9 @@ fixed densities of about 5/10/20/40% (alpha = 1 with a window and a stripe cap, 
 density is set by the config, not the input; the measured density is in the row). Columns:
 dense baselines (`bench.dense`), mask build, sparse attention, total, density, speedup of the
 total vs each baseline, and efficiency = density x dense flex time / sparse time (1 = the
-sparse kernel runs the kept blocks as fast as dense flex runs all of them).
+sparse kernel runs the kept blocks as fast as dense flex runs all of them). Column "backend":
+flex_attention's kernel for the sparse attention; each row runs under Triton and, where
+FlashAttention-4 can run (flexsample/flex_backend.py), again under FLASH, on the same mask.
 Writes bench/results/attention.{md,json}; `python -m bench.plot attention` draws it.
 
 GPU: `python -m bench.attention`; CPU smoke run: `python -m bench.attention --cpu-smoke`.
@@ -23,13 +25,14 @@ from bench.dense import dense_baselines
 from bench.harness import RESULTS, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
+from flexsample.flex_backend import flash_unavailable_reason, kernel_options
 from flexsample.metrics import density
 from flexsample.synthetic import structured_qkv
 
 COLUMNS = [
-    "S", "config", "density", "mask build ms", "sparse attn ms", "total ms", "build share",
-    "SDPA cuDNN ms", "SDPA flash ms", "SDPA default ms", "flex dense ms", "x vs cuDNN",
-    "x vs flash", "x vs SDPA default", "x vs flex dense", "efficiency",
+    "S", "config", "backend", "density", "mask build ms", "sparse attn ms", "total ms",
+    "build share", "SDPA cuDNN ms", "SDPA flash ms", "SDPA default ms", "flex dense ms",
+    "x vs cuDNN", "x vs flash", "x vs SDPA default", "x vs flex dense", "efficiency",
 ]  # fmt: skip
 DENSITIES = (0.05, 0.1, 0.2, 0.4)
 SPEEDUPS = {"x vs cuDNN": "SDPA cuDNN ms", "x vs flash": "SDPA flash ms",
@@ -44,23 +47,35 @@ def fixed_density(target: float, base: SampleConfig) -> SampleConfig:
     )
 
 
-def measure(x, config: SampleConfig, dense: dict[str, float]) -> dict[str, float]:
+def measure(
+    x, config: SampleConfig, dense: dict[str, float], backends: list[str]
+) -> list[dict[str, float]]:
+    """One row per flex backend: the mask is built (and its build timed) once."""
     block_mask = sample_block_mask(x.q, x.k, config)
-    row = {
+    build = {
         "density": density(block_mask).mean().item(),
         "mask build ms": time_ms(lambda: sample_block_mask(x.q, x.k, config)),
-        "sparse attn ms": time_ms(
-            lambda: attention_with_mask(x.q, x.k, x.v, block_mask, enable_gqa=True)
-        ),
     }
-    row["total ms"] = row["mask build ms"] + row["sparse attn ms"]
-    row["build share"] = row["mask build ms"] / row["total ms"]
-    for column, baseline in SPEEDUPS.items():
-        if baseline in dense:
-            row[column] = dense[baseline] / row["total ms"]
-    if "flex dense ms" in dense:
-        row["efficiency"] = row["density"] * dense["flex dense ms"] / row["sparse attn ms"]
-    return row
+    rows = []
+    for backend in backends:
+        options = kernel_options(
+            x.q, dataclasses.replace(config, flex_backend=backend), k=x.k, v=x.v,
+            block_mask=block_mask,
+        )  # fmt: skip
+        row = {"backend": backend, **build, "sparse attn ms": time_ms(
+            lambda o=options: attention_with_mask(
+                x.q, x.k, x.v, block_mask, enable_gqa=True, kernel_options=o
+            )
+        )}  # fmt: skip
+        row["total ms"] = row["mask build ms"] + row["sparse attn ms"]
+        row["build share"] = row["mask build ms"] / row["total ms"]
+        for column, baseline in SPEEDUPS.items():
+            if baseline in dense:
+                row[column] = dense[baseline] / row["total ms"]
+        if "flex dense ms" in dense:
+            row["efficiency"] = row["density"] * dense["flex dense ms"] / row["sparse attn ms"]
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=[8192, 16384, 32768, 65536, 131072])  # fmt: skip
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run, no GPU needed")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"],
+                        help="default: triton, and flash where it can run")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -82,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     configs = {"default": base} | {
         f"~{round(100 * d)}%": fixed_density(d, base) for d in args.densities
     }
+    backends, flash_note = args.backends, None
+    if backends is None:
+        probe = torch.empty(1, heads, 1, dim, dtype=dtype, device=device)
+        flash_note = flash_unavailable_reason(probe, base)
+        backends = ["triton"] if flash_note else ["triton", "flash"]
+    progress(f"flex backends: {backends}" + (f" (no flash: {flash_note})" if flash_note else ""))
     rows = []
     for seq_len in lengths:
         progress(f"S={seq_len}: inputs and dense baselines")
@@ -89,12 +112,14 @@ def main(argv: list[str] | None = None) -> None:
         dense = dense_baselines(x.q, x.k, x.v, base) if device == "cuda" else {}
         progress("  " + ", ".join(f"{k}={v:.3g}" for k, v in dense.items()))
         for label, config in configs.items():
-            row = {"S": seq_len, "config": label, **dense, **measure(x, config, dense)}
-            rows.append(row)
-            progress(f"  {label}: density={row['density']:.3f} build={row['mask build ms']:.3g} "
-                     f"attn={row['sparse attn ms']:.3g} total={row['total ms']:.3g} "
-                     f"x cuDNN={row.get('x vs cuDNN', float('nan')):.2f} "
-                     f"eff={row.get('efficiency', float('nan')):.2f}")  # fmt: skip
+            for measured in measure(x, config, dense, backends):
+                row = {"S": seq_len, "config": label, **dense, **measured}
+                rows.append(row)
+                progress(f"  {label} {row['backend']}: density={row['density']:.3f} "
+                         f"build={row['mask build ms']:.3g} attn={row['sparse attn ms']:.3g} "
+                         f"total={row['total ms']:.3g} "
+                         f"x cuDNN={row.get('x vs cuDNN', float('nan')):.2f} "
+                         f"eff={row.get('efficiency', float('nan')):.2f}")  # fmt: skip
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -111,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         "Baselines (bench/dense.py): SDPA cuDNN and flash on K/V expanded to 32 heads, SDPA "
         "default with enable_gqa=True, dense flex = compiled flex_attention over all causal "
         "blocks. efficiency = density x dense flex ms / sparse attn ms.",
+        "backend: flex_attention's kernel for the sparse attention, Triton or FLASH "
+        "(FlashAttention-4, kernel_options BACKEND='FLASH'); both run the same mask; dense "
+        "flex (and so efficiency) is Triton's. "
+        + (f"FLASH not run: {flash_note}." if flash_note else f"Ran: {', '.join(backends)}."),
     ]
     path = write_results("attention", "flexsample attention vs dense kernels",
                          [("Attention op", COLUMNS, rows)], notes, out_dir)  # fmt: skip

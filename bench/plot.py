@@ -44,10 +44,13 @@ def _lines(ax, rows, group: str, y: str) -> None:
 
 def attention(directory: pathlib.Path) -> pathlib.Path:
     rows, env = _load("attention", directory)
+    # One line per config and flex backend (results before the backend column: config only).
+    rows = [{**row, "line": " ".join(str(row[k]) for k in ("config", "backend") if k in row)}
+            for row in rows]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    _lines(axes[0], rows, "config", "x vs cuDNN")
+    _lines(axes[0], rows, "line", "x vs cuDNN")
     axes[0].set_ylabel("speedup of total vs SDPA cuDNN")
-    _lines(axes[1], rows, "config", "efficiency")
+    _lines(axes[1], rows, "line", "efficiency")
     axes[1].set_ylabel("sparse efficiency (density x dense flex / sparse)")
     fig.suptitle(f"flexsample attention op, Llama-3-8B shape, bf16 ({_subtitle(env)})", fontsize=9)
     return _save(fig, directory / "attention.png")

@@ -247,5 +247,5 @@ def sparse_attention(
     block_mask = sample_block_mask(q, k, config, scale=scale)
     return attention_with_mask(
         q, k, v, block_mask, scale=resolve_scale(q, scale), enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=kernel_options(q, config),
+        kernel_options=kernel_options(q, config, k=k, v=v, block_mask=block_mask),
     )  # fmt: skip

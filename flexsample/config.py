@@ -13,6 +13,7 @@ import torch
 
 _BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 _SCORE_BACKENDS = ("auto", "torch", "triton")
+_FLEX_BACKENDS = ("auto", "triton", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,10 @@ class SampleConfig:
     score_backend: "auto" (Triton on CUDA where Triton is installed, PyTorch elsewhere),
         "torch" or "triton": the path of stage 1 and of the mask's block lists
         (`layout.use_kernels`, the one place this is decided).
+    flex_backend: "auto", "triton" or "flash": flex_attention's kernel on CUDA. "auto" picks
+        FLASH (FlashAttention-4, the `fa4` extra) where it is importable and the GPU, dtype,
+        head dims and blocks suit it, else Triton; "flash" raises where it cannot run
+        (flexsample/flex_backend.py).
     """
 
     alpha: float = 0.95
@@ -46,6 +51,7 @@ class SampleConfig:
     min_seq_len: int = 8192
     max_stripe_ratio: float | None = None
     score_backend: str = "auto"
+    flex_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _check_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
@@ -66,6 +72,10 @@ class SampleConfig:
         if self.score_backend not in _SCORE_BACKENDS:
             raise ValueError(
                 f"score_backend={self.score_backend!r} is not allowed: use one of {_SCORE_BACKENDS}"
+            )
+        if self.flex_backend not in _FLEX_BACKENDS:
+            raise ValueError(
+                f"flex_backend={self.flex_backend!r} is not allowed: use one of {_FLEX_BACKENDS}"
             )
 
     def window_tokens(self, seq_len: int) -> int:

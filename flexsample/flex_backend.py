@@ -1,15 +1,183 @@
-"""Which kernel of compiled `flex_attention` runs the sparse attention, with what options."""
+"""Which FlexAttention kernel runs the sparse attention: flex's Triton kernel or FLASH.
+
+FLASH is flex_attention's FlashAttention-4 (CuTe DSL) backend, `kernel_options={"BACKEND":
+"FLASH"}` (torch >= 2.10). Inductor never picks it by itself and raises at lowering where it
+cannot run, so "auto" picks it only where every constraint below holds, else Triton.
+
+Constraints (torch 2.13 `torch/_inductor/kernel/flex/flex_flash_attention.py` and
+flash-attn-4 4.0.0b36 `flash_attn/cute/interface.py`, `block_sparsity.py`):
+- `flash_attn.cute` importable (inductor checks `find_spec`; we import it, which also finds a
+  missing CuTe DSL, TVM-FFI or quack).
+- CUDA, compute capability 9.x (Hopper) or 10.x/11.x (Blackwell); FA4 has no block sparsity on
+  12.x and flex FLASH targets sm90+.
+- q, k, v one dtype, fp16 or bf16 (FA4's fp8 is forward-only on sm100; no fp32).
+- Block sizes: the KV block must equal FA4's KV tile and the Q block be a multiple of its Q
+  tile times q_stage. sm90, head dim <= 128: tile 128x128, q_stage 1, so (128, 128).
+  sm100: tile 128x128 with q_stage 2 for sequences over 128 rows, so Q blocks of 256.
+- Head dims: q/k and v head dims in 8..128, multiples of 8 (16-byte alignment). sm90 accepts up
+  to 256, but its tile_n for head dims over 128 (112 or 80) does not divide a 128 KV block.
+- Partial blocks need full-block lists: inductor raises NotImplementedError for a mask_mod
+  without `full_kv_num_blocks`.
+- A no-op mask_mod: torch 2.10-2.13 then drops the block lists and runs dense (inductor's
+  `is_trivial_mask_graph`), silently wrong for a sparse mask; fixed in 2.14. flexsample's own
+  masks carry a causal mask_mod, so this only guards masks passed in from elsewhere.
+- Gradients: auto keeps Triton when q/k/v need grad (FLASH's backward with block masks is
+  newer than its forward and untested here); forcing "flash" tries it.
+GQA needs nothing: FA4 takes Hq % Hkv == 0 and reads a per-query-head block mask.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+import site
+
 import torch
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
 from flexsample.config import SampleConfig
 
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_FLASH_MODULE = "flash_attn.cute.interface"
+_INSTALL_HINT = (
+    "install the extra `pip install flexsample[fa4]`, or the offline wheels with "
+    "bench/fa4_install.sh and FLEXSAMPLE_FA4_SITE=<dir>"
+)
 
-def kernel_options(q: torch.Tensor, config: SampleConfig) -> dict[str, int] | None:
-    """Flex's CUDA kernel tiles must divide the mask blocks; cap them for blocks under 128."""
-    if q.device.type != "cuda" or min(config.q_block, config.kv_block) >= 128:
+
+def add_fa4_site() -> None:
+    """Add the directories in FLEXSAMPLE_FA4_SITE (os.pathsep-separated) with
+    `site.addsitedir`, once each: the CuTe DSL finds its packages through a `.pth` file,
+    which PYTHONPATH does not process."""
+    for path in os.environ.get("FLEXSAMPLE_FA4_SITE", "").split(os.pathsep):
+        if path and path not in _added_sites:
+            site.addsitedir(path)
+            _added_sites.add(path)
+
+
+_added_sites: set[str] = set()
+
+
+@functools.lru_cache(maxsize=1)
+def flash_import_error() -> str | None:
+    """Why FA4 (`flash_attn.cute`) cannot be imported, or None when it can (cached)."""
+    add_fa4_site()
+    try:
+        importlib.import_module(_FLASH_MODULE)
+    except Exception as error:  # noqa: BLE001 - any failure means "not usable"
+        return f"{type(error).__name__}: {error}"
+    try:
+        # Inductor caches its own find_spec probe; refresh it now that the site is added.
+        from torch._inductor.kernel.flex.flex_flash_attention import ensure_flash_available
+
+        ensure_flash_available.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+    return None
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+@torch.compiler.assume_constant_result
+def _device_probe(index: int) -> tuple[int, int, str]:
+    """(capability major, minor, FA4 import error or "") of CUDA device `index`; a constant
+    to dynamo, so resolving a backend inside a compiled graph needs no graph break."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return major, minor, flash_import_error() or ""
+
+
+def flash_unavailable_reason(
+    q: torch.Tensor,
+    config: SampleConfig,
+    *,
+    v: torch.Tensor | None = None,
+    block_mask: BlockMask | None = None,
+) -> str | None:
+    """Why the FLASH backend cannot run attention on q `[B, Hq, S, D]` (v `[B, Hkv, S, Dv]`)
+    under `block_mask` (else config's block sizes), or None when it can."""
+    if _torch_version() < (2, 10):
+        return f"torch {torch.__version__} has no FLASH flex backend (needs >= 2.10)"
+    if q.device.type != "cuda":
+        return f"FLASH needs a CUDA device, got {q.device.type}"
+    if q.dtype not in _FLASH_DTYPES:
+        return f"FLASH needs float16 or bfloat16, got {q.dtype}"
+    for name, dim in (("q/k", q.shape[-1]), ("v", q.shape[-1] if v is None else v.shape[-1])):
+        if not (8 <= dim <= 128 and dim % 8 == 0):
+            return f"FLASH needs {name} head dim in 8..128, a multiple of 8; got {dim}"
+    q_block, kv_block = (
+        (config.q_block, config.kv_block) if block_mask is None else block_mask.BLOCK_SIZE
+    )
+    if block_mask is not None:
+        if block_mask.mask_mod is noop_mask and _torch_version() < (2, 14):
+            # torch 2.10-2.13 drop the block lists of such a mask on FLASH and run it dense.
+            return (
+                "a BlockMask with a no-op mask_mod runs dense on FLASH in torch "
+                f"{torch.__version__} (fixed in 2.14)"
+            )
+        if block_mask.full_kv_num_blocks is None:
+            return "FLASH needs a BlockMask with full-block lists (full_kv_num_blocks)"
+    major, minor, import_error = _device_probe(q.device.index or 0)
+    if major == 9:
+        blocks_ok = (q_block, kv_block) == (128, 128)
+        need = "(128, 128)"
+    elif major in (10, 11):
+        blocks_ok = q_block % 256 == 0 and kv_block == 128
+        need = "q_block a multiple of 256 and kv_block 128"
+    else:
+        return f"FLASH needs compute capability 9.x, 10.x or 11.x, got {major}.{minor}"
+    if not blocks_ok:
+        return f"FLASH on sm{major}{minor} needs block sizes {need}, got ({q_block}, {kv_block})"
+    if import_error:
+        return f"flash-attn-4 is not importable ({import_error}): {_INSTALL_HINT}"
+    return None
+
+
+def resolve_flex_backend(
+    q: torch.Tensor,
+    config: SampleConfig,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    block_mask: BlockMask | None = None,
+) -> str:
+    """ "triton" or "flash" for these inputs, from `config.flex_backend` (the one switch);
+    raise `RuntimeError` naming what is missing when "flash" is forced where it cannot run."""
+    choice = config.flex_backend
+    if choice == "triton":
+        return "triton"
+    reason = flash_unavailable_reason(q, config, v=v, block_mask=block_mask)
+    if choice == "flash":
+        if reason is not None:
+            raise RuntimeError(f"flex_backend='flash' cannot run: {reason}")
+        return "flash"
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v)
+    )
+    return "flash" if reason is None and not needs_grad else "triton"
+
+
+def kernel_options(
+    q: torch.Tensor,
+    config: SampleConfig,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    block_mask: BlockMask | None = None,
+) -> dict | None:
+    """flex_attention's `kernel_options` for the backend `resolve_flex_backend` picks."""
+    if q.device.type != "cuda":
         return None
-    m, n = min(config.q_block, 64), min(config.kv_block, 64)
+    if resolve_flex_backend(q, config, k=k, v=v, block_mask=block_mask) == "flash":
+        return {"BACKEND": "FLASH"}
+    q_block, kv_block = (
+        (config.q_block, config.kv_block) if block_mask is None else block_mask.BLOCK_SIZE
+    )
+    # Flex's Triton tiles must divide the mask blocks; cap them for blocks under 128.
+    if min(q_block, kv_block) >= 128:
+        return None
+    m, n = min(q_block, 64), min(kv_block, 64)
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n, "BLOCK_M2": m, "BLOCK_N2": n}

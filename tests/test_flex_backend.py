@@ -1,0 +1,320 @@
+"""flex_attention backend choice (flexsample/flex_backend.py): CPU tests of the selection with
+a mocked GPU, and GPU tests that FLASH (FlashAttention-4) and Triton agree on flexsample's masks
+(skipped where FA4 cannot run; set FLEXSAMPLE_FA4_SITE for an offline install)."""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+import flexsample.attention
+import flexsample.flex_backend as fb
+from flexsample import SampleConfig, sample_attention, sample_block_mask
+from flexsample.attention import attention_with_mask
+from flexsample.block_mask import token_mask
+from flexsample.metrics import density
+
+from tolerance import assert_output_close
+
+FLASH = {"BACKEND": "FLASH"}
+
+
+def _fake(shape=(1, 8, 8192, 128), dtype=torch.bfloat16, device="cuda:0", requires_grad=False):
+    """Stands in for a CUDA tensor: selection reads only device, dtype, shape, requires_grad."""
+    return SimpleNamespace(
+        shape=torch.Size(shape),
+        dtype=dtype,
+        device=torch.device(device),
+        requires_grad=requires_grad,
+    )
+
+
+def _mask(noop: bool = False, full: bool = True, block: int = 128, n: int = 4) -> BlockMask:
+    """A causal block-diagonal BlockMask on CPU: diagonal blocks partial (or full)."""
+    num = torch.ones(1, 1, n, dtype=torch.int32)
+    idx = torch.arange(n, dtype=torch.int32)[:, None].expand(1, 1, n, n).contiguous()
+    kwargs = {"BLOCK_SIZE": (block, block), "seq_lengths": (n * block, n * block)}
+    if not noop:
+        kwargs["mask_mod"] = lambda b, h, q, kv: q >= kv
+    if full:
+        return BlockMask.from_kv_blocks(num, idx, torch.zeros_like(num), idx, **kwargs)
+    return BlockMask.from_kv_blocks(num, idx, **kwargs)
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """An sm90 GPU with FA4 importable, torch 2.11, no environment override."""
+    monkeypatch.setattr(fb, "_device_probe", lambda index: (9, 0, ""))
+    monkeypatch.setattr(fb, "_torch_version", lambda: (2, 11))
+
+
+def test_auto_picks_flash_where_it_can_run(hopper):
+    assert fb.resolve_flex_backend(_fake(), SampleConfig()) == "flash"
+    assert fb.kernel_options(_fake(), SampleConfig(), block_mask=_mask()) == FLASH
+    assert fb.kernel_options(_fake(dtype=torch.float16), SampleConfig()) == FLASH
+
+
+@pytest.mark.parametrize(
+    "change, fake_kwargs, config_kwargs, message",
+    [
+        ({"probe": (8, 0, "")}, {}, {}, "compute capability 9.x"),
+        ({"probe": (12, 0, "")}, {}, {}, "got 12.0"),
+        ({"probe": (9, 0, "ModuleNotFoundError: No module named 'flash_attn'")}, {}, {},
+         "No module named 'flash_attn'.*fa4"),
+        ({"probe": (10, 0, "")}, {}, {}, "multiple of 256"),
+        ({"torch": (2, 9)}, {}, {}, ">= 2.10"),
+        ({}, {"dtype": torch.float32}, {}, "float16 or bfloat16"),
+        ({}, {"shape": (1, 8, 8192, 256)}, {}, "head dim in 8..128"),
+        ({}, {"shape": (1, 8, 8192, 100)}, {}, "multiple of 8"),
+        ({}, {"device": "cpu"}, {}, "CUDA"),
+        ({}, {}, {"q_block": 64, "kv_block": 64}, r"\(128, 128\), got \(64, 64\)"),
+        ({}, {}, {"q_block": 256}, r"got \(256, 128\)"),
+    ],
+)  # fmt: skip
+def test_unsuitable_inputs_get_triton_and_forced_flash_names_why(
+    hopper, monkeypatch, change, fake_kwargs, config_kwargs, message
+):
+    if "probe" in change:
+        monkeypatch.setattr(fb, "_device_probe", lambda index: change["probe"])
+    if "torch" in change:
+        monkeypatch.setattr(fb, "_torch_version", lambda: change["torch"])
+    q = _fake(**fake_kwargs)
+    assert fb.resolve_flex_backend(q, SampleConfig(**config_kwargs)) == "triton"
+    with pytest.raises(RuntimeError, match=f"flex_backend='flash' cannot run: .*{message}"):
+        fb.resolve_flex_backend(q, SampleConfig(flex_backend="flash", **config_kwargs))
+
+
+def test_blackwell_needs_q_blocks_of_256(hopper, monkeypatch):
+    monkeypatch.setattr(fb, "_device_probe", lambda index: (10, 0, ""))
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(q_block=256)) == "flash"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(q_block=256, kv_block=64)) == "triton"
+
+
+def test_value_head_dim_is_checked(hopper):
+    v = _fake(shape=(1, 8, 8192, 256))
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), v=v) == "triton"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), v=_fake()) == "flash"
+
+
+def test_mask_block_size_overrides_config(hopper):
+    config = SampleConfig(q_block=64, kv_block=64)
+    assert fb.resolve_flex_backend(_fake(), config, block_mask=_mask()) == "flash"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), block_mask=_mask(block=64)) == "triton"
+
+
+def test_auto_keeps_triton_for_gradients_but_forcing_flash_tries(hopper):
+    k = _fake(requires_grad=True)
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), k=k) == "triton"
+    with torch.no_grad():
+        assert fb.resolve_flex_backend(_fake(), SampleConfig(), k=k) == "flash"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(flex_backend="flash"), k=k) == "flash"
+
+
+def test_noop_mask_mod_never_goes_to_flash_before_torch_2_14(hopper, monkeypatch):
+    """torch 2.10-2.13 run a no-op-mask_mod BlockMask dense on FLASH, ignoring its lists."""
+    noop = _mask(noop=True)
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), block_mask=noop) == "triton"
+    with pytest.raises(RuntimeError, match="no-op mask_mod"):
+        fb.resolve_flex_backend(_fake(), SampleConfig(flex_backend="flash"), block_mask=noop)
+    monkeypatch.setattr(fb, "_torch_version", lambda: (2, 14))
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), block_mask=noop) == "flash"
+
+
+def test_mask_without_full_blocks_gets_triton(hopper):
+    partial_only = _mask(full=False)
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(), block_mask=partial_only) == "triton"
+    with pytest.raises(RuntimeError, match="full-block lists"):
+        fb.resolve_flex_backend(
+            _fake(), SampleConfig(flex_backend="flash"), block_mask=partial_only
+        )
+
+
+def test_config_is_the_one_switch(hopper):
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(flex_backend="triton")) == "triton"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(flex_backend="flash")) == "flash"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig()) == "flash"
+
+
+def test_invalid_config_value_names_field_and_choices():
+    with pytest.raises(ValueError, match=r"flex_backend='fa4' is not allowed: use one of"):
+        SampleConfig(flex_backend="fa4")
+
+
+@pytest.mark.parametrize(
+    "blocks, expected",
+    [((128, 128), None), ((256, 128), None), ((32, 64), (32, 64)), ((16, 16), (16, 16))],
+)
+def test_triton_tiles_divide_small_mask_blocks(hopper, blocks, expected):
+    config = SampleConfig(q_block=blocks[0], kv_block=blocks[1], flex_backend="triton")
+    options = fb.kernel_options(_fake(), config)
+    if expected is None:
+        assert options is None
+    else:
+        m, n = expected
+        assert options == {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n,
+                           "BLOCK_M2": m, "BLOCK_N2": n}  # fmt: skip
+
+
+def test_cpu_tensors_get_no_options_and_no_probe(monkeypatch):
+    def probe(index):
+        raise AssertionError("probed the GPU for a CPU tensor")
+
+    monkeypatch.setattr(fb, "_device_probe", probe)
+    assert fb.kernel_options(torch.zeros(1, 2, 16, 8), SampleConfig(flex_backend="flash")) is None
+
+
+def test_sample_attention_hands_its_mask_to_the_backend_choice(monkeypatch):
+    seen = {}
+
+    def record(q, config, **kwargs):
+        seen.update(kwargs, config=config)
+        return None
+
+    monkeypatch.setattr(flexsample.attention, "flex_kernel_options", record)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16)
+    sample_attention(q, k, v, config)
+    assert seen["config"] is config and seen["k"] is k and seen["v"] is v
+    assert isinstance(seen["block_mask"], BlockMask)
+
+
+def test_fa4_site_processes_pth_files_and_makes_flash_importable(tmp_path, monkeypatch):
+    """FLEXSAMPLE_FA4_SITE goes through site.addsitedir, so `.pth` files (the CuTe DSL's) run."""
+    site_dir, extra = tmp_path / "site", tmp_path / "extra"
+    (extra / "flash_attn" / "cute").mkdir(parents=True)
+    for init in ("flash_attn/__init__.py", "flash_attn/cute/__init__.py"):
+        (extra / init).write_text("")
+    (extra / "flash_attn" / "cute" / "interface.py").write_text("")
+    site_dir.mkdir()
+    (site_dir / "fa4.pth").write_text(f"{extra}\n")  # only .pth processing finds flash_attn
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(fb, "_added_sites", set())
+    monkeypatch.setenv("FLEXSAMPLE_FA4_SITE", str(site_dir))
+    for name in [m for m in sys.modules if m.startswith("flash_attn")]:
+        monkeypatch.delitem(sys.modules, name)
+    fb.flash_import_error.cache_clear()
+    try:
+        assert fb.flash_import_error() is None
+        assert str(extra) in sys.path
+    finally:
+        for name in [m for m in sys.modules if m.startswith("flash_attn")]:
+            del sys.modules[name]
+        fb.flash_import_error.cache_clear()
+
+
+# ---------------------------------------------------------------- GPU: FLASH against Triton
+
+
+def _flash_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    q = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    return fb.flash_unavailable_reason(q, SampleConfig())
+
+
+def _needs_flash():
+    reason = _flash_reason()
+    if reason is not None:
+        pytest.skip(f"FLASH cannot run here: {reason}")
+
+
+def _run(q, k, v, block_mask, options):
+    return attention_with_mask(q, k, v, block_mask, enable_gqa=True, kernel_options=options)
+
+
+GPU_CASES = {
+    # name: (batch, q_heads, kv_heads, seq_len, config fields, dtype)
+    "default": (1, 8, 8, 4096, {}, torch.bfloat16),
+    "sparse": (1, 8, 8, 4096, {"alpha": 0.5}, torch.bfloat16),
+    "dense_alpha1": (1, 8, 8, 4096, {"alpha": 1.0}, torch.bfloat16),
+    "odd_length": (1, 8, 8, 4096 + 77, {}, torch.bfloat16),
+    "gqa": (1, 8, 2, 4096, {}, torch.bfloat16),
+    "batch2_gqa_odd": (2, 8, 2, 2048 + 33, {}, torch.bfloat16),
+    "fp16": (1, 4, 4, 4096, {"alpha": 0.8}, torch.float16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_flash_equals_triton_on_flexsample_masks(case):
+    _needs_flash()
+    batch, q_heads, kv_heads, seq_len, fields, dtype = GPU_CASES[case]
+    from flexsample.synthetic import structured_qkv
+
+    x = structured_qkv(batch, q_heads, kv_heads, seq_len, 128, dtype=dtype, device="cuda")
+    config = SampleConfig(min_seq_len=0, **fields)
+    block_mask = sample_block_mask(x.q, x.k, config)
+    if fields.get("alpha", 0.95) < 1.0:
+        assert density(block_mask).max() < 0.9, "the mask should drop blocks"
+    triton_options = fb.kernel_options(x.q, SampleConfig(flex_backend="triton"))
+    flash_options = fb.kernel_options(
+        x.q, SampleConfig(flex_backend="flash"), v=x.v, block_mask=block_mask
+    )
+    assert flash_options == FLASH
+    triton = _run(x.q, x.k, x.v, block_mask, triton_options)
+    flash = _run(x.q, x.k, x.v, block_mask, flash_options)
+    mask = token_mask(block_mask)
+    assert_output_close(flash, x.q, x.k, x.v, mask)
+    assert_output_close(triton, x.q, x.k, x.v, mask)
+
+
+@pytest.mark.gpu
+def test_sample_attention_auto_uses_flash_and_matches_triton():
+    _needs_flash()
+    from flexsample.synthetic import structured_qkv
+
+    x = structured_qkv(1, 8, 2, 8192, 128, dtype=torch.bfloat16, device="cuda")
+    assert fb.resolve_flex_backend(x.q, SampleConfig(), k=x.k, v=x.v) == "flash"
+    auto = sample_attention(x.q, x.k, x.v, SampleConfig(), enable_gqa=True)
+    triton = sample_attention(x.q, x.k, x.v, SampleConfig(flex_backend="triton"), enable_gqa=True)
+    torch.testing.assert_close(auto, triton, atol=3e-2, rtol=3e-2)
+
+
+def _noop_sparse_mask(batch, heads, seq_len, block=128, seed=0):
+    """A BlockMask whose mask_mod is a no-op but whose lists keep the diagonal, block 0 and a
+    random half of the other causal blocks, all listed as full blocks."""
+    n = seq_len // block
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch, heads, n, n, generator=gen) < 0.5
+    keep |= torch.eye(n, dtype=torch.bool)
+    keep[..., 0] = True
+    keep &= torch.ones(n, n, dtype=torch.bool).tril()
+    keep = keep.cuda()
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    count = keep.sum(-1, dtype=torch.int32)
+    mask = BlockMask.from_kv_blocks(
+        torch.zeros_like(count), order, count, order,
+        BLOCK_SIZE=(block, block), seq_lengths=(seq_len, seq_len),
+    )  # fmt: skip
+    tokens = keep.repeat_interleave(block, -2).repeat_interleave(block, -1)
+    return mask, tokens
+
+
+@pytest.mark.gpu
+def test_noop_mask_mod_gives_the_sparse_answer_through_flexsample():
+    """flexsample's choice for such a mask (Triton before torch 2.14) computes its lists."""
+    _needs_flash()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    mask, tokens = _noop_sparse_mask(1, 4, 2048)
+    options = fb.kernel_options(q, SampleConfig(), v=v, block_mask=mask)
+    out = _run(q, k, v, mask, options)
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=tokens)
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+def test_flash_noop_mask_mod_bug_matches_the_version_gate():
+    """FLASH itself on a no-op-mask_mod sparse mask: wrong (dense) exactly where flexsample's
+    gate says so (torch < 2.14). Fails if torch fixes it elsewhere or 2.14 still has it."""
+    _needs_flash()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    mask, tokens = _noop_sparse_mask(1, 4, 2048)
+    out = _run(q, k, v, mask, FLASH)
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=tokens)
+    sparse_answer = torch.allclose(out.float(), reference, atol=3e-2, rtol=3e-2)
+    assert sparse_answer == (fb._torch_version() >= (2, 14)), (torch.__version__, sparse_answer)
