@@ -173,7 +173,7 @@ def test_sample_attention_hands_its_mask_to_the_backend_choice(monkeypatch):
         seen.update(kwargs, config=config)
         return None
 
-    monkeypatch.setattr(flexsample.attention, "flex_kernel_options", record)
+    monkeypatch.setattr(flexsample.attention, "kernel_options", record)
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16)
     sample_attention(q, k, v, config)
