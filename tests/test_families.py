@@ -80,13 +80,21 @@ def test_left_padded_batch_equals_eager(family):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss"])
 def test_greedy_generate_equals_eager(family):
-    """Prefill (sparse where allowed) then cached decode steps: eager's greedy tokens."""
+    """Prefill (sparse where allowed) then cached decode steps: eager's greedy tokens, and
+    eager's logits at every step."""
     register(EXACT)
     ids = _ids(seed=2)
-    with torch.no_grad():
-        expected = tiny_family(family, "eager").generate(ids, max_new_tokens=6, do_sample=False)
-        got = tiny_family(family, "flexsample").generate(ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(got, expected), f"{family}: {got[0, LENGTH:]} != {expected[0, LENGTH:]}"
+    runs = {}
+    for name in ("eager", "flexsample"):
+        with torch.no_grad():
+            runs[name] = tiny_family(family, name).generate(
+                ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                output_logits=True,
+            )  # fmt: skip
+    got, expected = runs["flexsample"], runs["eager"]
+    diff = _max_diff(torch.stack(got.logits), torch.stack(expected.logits))
+    assert diff <= TOL, f"{family}: max |flexsample - eager| over the steps = {diff:.3g}"
+    assert torch.equal(got.sequences, expected.sequences)
 
 
 def test_default_alpha_runs_sparse_on_llama():
@@ -100,18 +108,27 @@ def test_default_alpha_runs_sparse_on_llama():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mistral"])
 def test_compile_backend_alpha_one_equals_eager(family):
-    """`torch.compile(backend=flexsample.backend(cfg))` on the model transformers picks
-    (SDPA, or eager where the family refuses SDPA) equals the eager model."""
+    """`torch.compile(backend=flexsample.backend(cfg))` on the model transformers picks (SDPA,
+    or eager where the family refuses SDPA) keeps that model's answer, and so eager's.
+
+    The pass sees only the traced SDPA calls: where transformers' own choice already differs
+    from eager (Gemma2 on 5.17 runs SDPA without its soft-cap), that is not the door's to fix
+    and the comparison with eager is skipped with the measured difference."""
     torch._dynamo.reset()
     reset_report()
     ids = _ids(batch=2)
     expected = _logits(tiny_family(family, "eager"), ids)
     model = tiny_family(family, None)
+    uncompiled = _logits(model, ids)
     compiled = torch.compile(model, backend=flexsample.backend(EXACT), dynamic=False)
     got = _logits(compiled, ids)
-    diff = _max_diff(got, expected)
+    impl = model.config._attn_implementation
+    diff = _max_diff(got, uncompiled)
     assert diff <= TOL, (
-        f"{family} ({model.config._attn_implementation}): max |compiled - eager| = {diff:.3g}; "
-        f"rewritten {report().rewritten}, skipped {report().skipped}, "
-        f"paths {dict(flexsample.path_counts)}"
+        f"{family} ({impl}): max |compiled - uncompiled| = {diff:.3g}; rewritten "
+        f"{report().rewritten}, skipped {report().skipped}, paths {dict(flexsample.path_counts)}"
     )
+    own = _max_diff(uncompiled, expected)
+    if own > TOL:
+        pytest.skip(f"transformers' own {impl} for {family} differs from eager by {own:.3g}")
+    assert _max_diff(got, expected) <= TOL
