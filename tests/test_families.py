@@ -78,6 +78,20 @@ def test_left_padded_batch_equals_eager(family):
     assert diff <= TOL, f"{family}: max |flexsample - eager| = {diff:.3g} (real tokens)"
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_packed_sequences_equal_eager(family):
+    """Two sequences packed in one row (position ids restart, no cache): transformers builds a
+    block-diagonal mask, which must not be taken for the causal one."""
+    register(EXACT)
+    ids = _ids(seed=3)
+    position_ids = torch.arange(LENGTH).remainder(LENGTH // 2)[None]
+    kwargs = dict(position_ids=position_ids, use_cache=False)
+    expected = _logits(tiny_family(family, "eager"), ids, **kwargs)
+    got = _logits(tiny_family(family, "flexsample"), ids, **kwargs)
+    diff = _max_diff(got, expected)
+    assert diff <= TOL, f"{family}: max |flexsample - eager| = {diff:.3g}"
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss"])
 def test_greedy_generate_equals_eager(family):
     """Prefill (sparse where allowed) then cached decode steps: eager's greedy tokens, and
