@@ -26,7 +26,6 @@ SPARSE = SampleConfig(min_seq_len=16, q_block=16, kv_block=16)
 #: families that allow SDPA); flexsample alpha=1 vs eager 2.6e-6 (Llama). ~4x that.
 TOL = 1e-5
 LENGTH = 96  # > WINDOW (32) and > min_seq_len; 6 blocks of 16
-CAUSAL = [name for name in FAMILIES if name not in ("bert", "modernbert")]
 
 
 @pytest.fixture(autouse=True)
