@@ -40,6 +40,9 @@ _FEATURE_KWARGS = frozenset(
     {"softcap", "s_aux", "sinks", "position_bias", "alibi_slopes", "head_mask",
      "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "target_dtype"}
 )  # fmt: skip
+#: Of those, what transformers' SDPA function drops or refuses (soft-capping: 5.17 ignores
+#: it, 5.24 raises), so only the model's eager function computes it.
+_EAGER_ONLY_KWARGS = frozenset({"softcap", "s_aux", "sinks", "alibi_slopes", "head_mask"})
 
 
 def fallback_reason(
@@ -135,29 +138,37 @@ def model_attention(
     attention_mask: torch.Tensor | None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What transformers runs for this module without flexsample: its SDPA function, or the
-    module's own eager function where the model family refuses SDPA. `attention_mask` is in
-    SDPA's format (bool, or None for plain causal); eager gets it as an additive float mask."""
+    """What computes this module's attention correctly without flexsample: the module's own
+    eager function where the model family refuses SDPA or the call carries a feature that
+    transformers' SDPA function drops (soft-cap, sinks), else that SDPA function.
+    `attention_mask` is in SDPA's format (bool, or None for plain causal); eager gets it as an
+    additive float mask."""
     eager = _eager_function(type(module))
-    if eager is None:
+    eager_only = getattr(module, "sinks", None) is not None or any(
+        kwargs.get(name) is not None for name in _EAGER_ONLY_KWARGS
+    )
+    if eager is None or not (eager_only or _refuses_sdpa(type(module))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     mask = _additive_mask(attention_mask, query, key)
     kwargs.pop("is_causal", None)
     return eager(module, query, key, value, mask, **kwargs)
 
 
-@functools.cache
 def _eager_function(module_type: type):
-    """The modeling file's eager attention function where its model refuses SDPA, else None."""
+    """The eager attention function of the module's modeling file, or None."""
+    return getattr(sys.modules.get(module_type.__module__), "eager_attention_forward", None)
+
+
+@functools.cache
+def _refuses_sdpa(module_type: type) -> bool:
+    """Whether a model of the module's modeling file declares no SDPA support."""
     modeling = sys.modules.get(module_type.__module__)
     models = [
         obj
         for obj in vars(modeling).values()
         if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj is not PreTrainedModel
     ] if modeling is not None else []  # fmt: skip
-    if all(getattr(model, "_supports_sdpa", False) for model in models):
-        return None
-    return getattr(modeling, "eager_attention_forward", None)
+    return not all(getattr(model, "_supports_sdpa", False) for model in models)
 
 
 def _additive_mask(
