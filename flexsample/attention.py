@@ -161,12 +161,15 @@ def attention_with_mask(
               "kernel_options": kernel_options}  # fmt: skip
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
-    return _compiled_flex()(q, k, v, **kwargs)
+    backend = (kernel_options or {}).get("BACKEND", "TRITON")
+    return _compiled_flex(backend)(q, k, v, **kwargs)
 
 
 @functools.cache
-def _compiled_flex():
-    # The unfused eager flex_attention materialises S×S; the compiled kernel does not.
+def _compiled_flex(backend: str):
+    # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
+    # compiled function per backend: recompiling one function between the Triton and FLASH
+    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100).
     return torch.compile(flex_attention)
 
 

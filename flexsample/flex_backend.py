@@ -147,7 +147,10 @@ def resolve_flex_backend(
     """ "triton" or "flash" for these inputs, from `config.flex_backend` (the one switch);
     raise `RuntimeError` naming what is missing when "flash" is forced where it cannot run."""
     choice = config.flex_backend
-    if choice == "triton":
+    # Traced code (sample_attention inside a user's torch.compile) cannot run the probe's
+    # imports and caches without a graph break: "auto" keeps Triton there. The op behind both
+    # integrations runs eagerly, so models get FLASH through it.
+    if choice == "triton" or (choice == "auto" and torch.compiler.is_compiling()):
         return "triton"
     reason = flash_unavailable_reason(q, config, v=v, block_mask=block_mask)
     if choice == "flash":

@@ -318,3 +318,10 @@ def test_flash_noop_mask_mod_bug_matches_the_version_gate():
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=tokens)
     sparse_answer = torch.allclose(out.float(), reference, atol=3e-2, rtol=3e-2)
     assert sparse_answer == (fb._torch_version() >= (2, 14)), (torch.__version__, sparse_answer)
+
+
+def test_auto_keeps_triton_in_traced_code(hopper, monkeypatch):
+    """Inside a user's torch.compile the probe would break the graph: auto keeps Triton."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fb.resolve_flex_backend(_fake(), SampleConfig()) == "triton"
+    assert fb.resolve_flex_backend(_fake(), SampleConfig(flex_backend="flash")) == "flash"
