@@ -20,21 +20,39 @@ def _install(session: nox.Session, extras: str = "test") -> None:
 def tests(session: nox.Session) -> None:
     """The CPU test suite (GPU tests skip without CUDA)."""
     _install(session, "test,hf")
-    session.run("pytest", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(name="families-5.17")
+def families_517(session: nox.Session) -> None:
+    """Both doors on every model family (and the door tests) under transformers 5.17, the
+    oldest supported version (the CPU suite runs the newest that pip installs)."""
+    _install(session, "test,hf")
+    session.install("transformers==5.17.0")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "tests/test_families.py",
+        "tests/test_transformers.py",
+        *session.posargs,
+    )
 
 
 @nox.session
 def props(session: nox.Session) -> None:
     """Property-based tests with many more examples; Triton kernels in the interpreter."""
-    _install(session)
+    _install(session, "test,hf")
     session.env.update({"HYPOTHESIS_PROFILE": "props", "TRITON_INTERPRET": "1"})
-    session.run("pytest", "-q", "-k", "not slow", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-k", "not slow", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "flexsample", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "flexsample", "tests", "bench", "noxfile.py")
 
 
 @nox.session(venv_backend="none")
@@ -73,8 +91,15 @@ def realtext(session: nox.Session) -> None:
     if any(arg.startswith("--model") for arg in session.posargs):
         session.run("python", "-m", "bench.realtext", *session.posargs)
         return
-    session.run("python", "-m", "bench.realtext", "--train", "--out",
-                "bench/checkpoints/realtext", *session.posargs)  # fmt: skip
+    session.run(
+        "python",
+        "-m",
+        "bench.realtext",
+        "--train",
+        "--out",
+        "bench/checkpoints/realtext",
+        *session.posargs,
+    )
 
 
 @nox.session(name="bench-cpu")

@@ -30,16 +30,28 @@ from flexsample.block_mask import keep_block_mask, kept_blocks
 from flexsample.metrics import block_density, column_mass, density, true_cra
 from flexsample.synthetic import structured_qkv
 
-COLUMNS = ["input", "S", "alpha", "sample_ratio", "method", "density", "CRA mean", "CRA worst head",
-           "CRA p1", "err max", "err mean"]  # fmt: skip
+COLUMNS = [
+    "input",
+    "S",
+    "alpha",
+    "sample_ratio",
+    "method",
+    "density",
+    "CRA mean",
+    "CRA worst head",
+    "CRA p1",
+    "err max",
+    "err mean",
+]
 
 
 def evaluate(x, keep: torch.Tensor, dense: torch.Tensor, config: SampleConfig, rows) -> dict:
     """Density, true CRA and output error of a block keep matrix on inputs x."""
     seq_len = x.q.shape[2]
     cra = true_cra(x.q, x.k, keep, config, rows=rows)
-    out = attention_with_mask(x.q, x.k, x.v, keep_block_mask(keep, seq_len, config),
-                              enable_gqa=True)  # fmt: skip
+    out = attention_with_mask(
+        x.q, x.k, x.v, keep_block_mask(keep, seq_len, config), enable_gqa=True
+    )
     err = (out - dense).float().norm(dim=(-1, -2)) / dense.float().norm(dim=(-1, -2))
     dens = block_density(keep, seq_len, seq_len, config.q_block, config.kv_block)
     return {
@@ -57,11 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.005, 0.02])
-    parser.add_argument("--all-rows-upto", type=int, default=32768,
-                        help="true CRA over every row up to this S, else 4096 evenly spaced rows")
+    parser.add_argument(
+        "--all-rows-upto",
+        type=int,
+        default=32768,
+        help="true CRA over every row up to this S, else 4096 evenly spaced rows",
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="S <= 8K on the CPU")
-    parser.add_argument("--qkv", default=None,
-                        help="captured q/k/v file (bench.realtext) instead of synthetic inputs")
+    parser.add_argument(
+        "--qkv",
+        default=None,
+        help="captured q/k/v file (bench.realtext) instead of synthetic inputs",
+    )
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -78,22 +97,35 @@ def main(argv: list[str] | None = None) -> None:
         captured = torch.load(args.qkv)
         name, source = "accuracy_qkv", f"{args.qkv} ({captured.get('source', '?')})"
         out_dir = RESULTS if device == "cuda" else RESULTS / "cpu"
-        inputs = [(f"layer {layer}", captured["q"][i].shape[2],
-                   _captured(captured, i, device)) for i, layer in enumerate(captured["layers"])]
-        heads, kv_heads, dim = (inputs[0][2].q.shape[1], inputs[0][2].k.shape[1],
-                                inputs[0][2].q.shape[3])  # fmt: skip
+        inputs = [
+            (f"layer {layer}", captured["q"][i].shape[2], _captured(captured, i, device))
+            for i, layer in enumerate(captured["layers"])
+        ]
+        heads, kv_heads, dim = (
+            inputs[0][2].q.shape[1],
+            inputs[0][2].k.shape[1],
+            inputs[0][2].q.shape[3],
+        )
         dtype = inputs[0][2].q.dtype
     else:
         inputs = ((f"structured S={n}", n, None) for n in lengths)
     rows_out = []
 
     def record(label, seq_len, alpha, ratio, method, values):
-        row = {"input": label, "S": seq_len, "alpha": alpha, "sample_ratio": ratio,
-               "method": method, **values}  # fmt: skip
+        row = {
+            "input": label,
+            "S": seq_len,
+            "alpha": alpha,
+            "sample_ratio": ratio,
+            "method": method,
+            **values,
+        }
         rows_out.append(row)
-        progress(f"  {method:<16} alpha={alpha} ratio={ratio}: density={row['density']:.3f} "
-                 f"CRA={row['CRA mean']:.4f} worst={row['CRA worst head']:.4f} "
-                 f"err={row['err mean']:.4f}")  # fmt: skip
+        progress(
+            f"  {method:<16} alpha={alpha} ratio={ratio}: density={row['density']:.3f} "
+            f"CRA={row['CRA mean']:.4f} worst={row['CRA worst head']:.4f} "
+            f"err={row['err mean']:.4f}"
+        )
 
     def write(rows: list[dict]):
         notes = [
@@ -113,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
             "err: ||out - dense|| / ||dense|| per head (dense = SDPA is_causal, same dtype), max "
             "and mean over heads.",
         ]
-        return write_results(name, "Accuracy at equal density",
-                             [("Accuracy", COLUMNS, rows)], notes, out_dir)  # fmt: skip
+        return write_results(
+            name, "Accuracy at equal density", [("Accuracy", COLUMNS, rows)], notes, out_dir
+        )
 
     for label, seq_len, x in inputs:
         progress(f"{label}: inputs, dense attention, exact column mass")
@@ -130,8 +163,14 @@ def main(argv: list[str] | None = None) -> None:
                 config = dataclasses.replace(base, alpha=alpha, sample_ratio=ratio)
                 block_mask = sample_block_mask(x.q, x.k, config)
                 keep = kept_blocks(block_mask)
-                record(label, seq_len, alpha, ratio, "flexsample",
-                       evaluate(x, keep, dense, config, rows))  # fmt: skip
+                record(
+                    label,
+                    seq_len,
+                    alpha,
+                    ratio,
+                    "flexsample",
+                    evaluate(x, keep, dense, config, rows),
+                )
                 if ratio != base.sample_ratio:
                     continue
                 target = density(block_mask)
@@ -141,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                     "vertical-slash": vertical_slash(x.q, x.k, target, config),
                 }
                 for method, keep in baselines.items():
-                    record(label, seq_len, alpha, ratio, method,
-                           evaluate(x, keep, dense, config, rows))  # fmt: skip
+                    record(
+                        label, seq_len, alpha, ratio, method, evaluate(x, keep, dense, config, rows)
+                    )
         write(rows_out)  # after every length, so a stopped run keeps what it measured
         del x, dense, mass
         if device == "cuda":

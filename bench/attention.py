@@ -30,13 +30,31 @@ from flexsample.metrics import density
 from flexsample.synthetic import structured_qkv
 
 COLUMNS = [
-    "S", "config", "backend", "density", "mask build ms", "sparse attn ms", "total ms",
-    "build share", "SDPA cuDNN ms", "SDPA flash ms", "SDPA default ms", "flex dense ms",
-    "x vs cuDNN", "x vs flash", "x vs SDPA default", "x vs flex dense", "efficiency",
-]  # fmt: skip
+    "S",
+    "config",
+    "backend",
+    "density",
+    "mask build ms",
+    "sparse attn ms",
+    "total ms",
+    "build share",
+    "SDPA cuDNN ms",
+    "SDPA flash ms",
+    "SDPA default ms",
+    "flex dense ms",
+    "x vs cuDNN",
+    "x vs flash",
+    "x vs SDPA default",
+    "x vs flex dense",
+    "efficiency",
+]
 DENSITIES = (0.05, 0.1, 0.2, 0.4)
-SPEEDUPS = {"x vs cuDNN": "SDPA cuDNN ms", "x vs flash": "SDPA flash ms",
-            "x vs SDPA default": "SDPA default ms", "x vs flex dense": "flex dense ms"}  # fmt: skip
+SPEEDUPS = {
+    "x vs cuDNN": "SDPA cuDNN ms",
+    "x vs flash": "SDPA flash ms",
+    "x vs SDPA default": "SDPA default ms",
+    "x vs flex dense": "flex dense ms",
+}
 
 
 def fixed_density(target: float, base: SampleConfig) -> SampleConfig:
@@ -59,14 +77,21 @@ def measure(
     rows = []
     for backend in backends:
         options = kernel_options(
-            x.q, dataclasses.replace(config, flex_backend=backend), k=x.k, v=x.v,
+            x.q,
+            dataclasses.replace(config, flex_backend=backend),
+            k=x.k,
+            v=x.v,
             block_mask=block_mask,
-        )  # fmt: skip
-        row = {"backend": backend, **build, "sparse attn ms": time_ms(
-            lambda o=options: attention_with_mask(
-                x.q, x.k, x.v, block_mask, enable_gqa=True, kernel_options=o
-            )
-        )}  # fmt: skip
+        )
+        row = {
+            "backend": backend,
+            **build,
+            "sparse attn ms": time_ms(
+                lambda o=options: attention_with_mask(
+                    x.q, x.k, x.v, block_mask, enable_gqa=True, kernel_options=o
+                )
+            ),
+        }
         row["total ms"] = row["mask build ms"] + row["sparse attn ms"]
         row["build share"] = row["mask build ms"] / row["total ms"]
         for column, baseline in SPEEDUPS.items():
@@ -80,12 +105,17 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        default=[8192, 16384, 32768, 65536, 131072])  # fmt: skip
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072]
+    )
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run, no GPU needed")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"],
-                        help="default: triton, and flash where it can run")  # fmt: skip
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["triton", "flash"],
+        help="default: triton, and flash where it can run",
+    )
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -115,11 +145,13 @@ def main(argv: list[str] | None = None) -> None:
             for measured in measure(x, config, dense, backends):
                 row = {"S": seq_len, "config": label, **dense, **measured}
                 rows.append(row)
-                progress(f"  {label} {row['backend']}: density={row['density']:.3f} "
-                         f"build={row['mask build ms']:.3g} attn={row['sparse attn ms']:.3g} "
-                         f"total={row['total ms']:.3g} "
-                         f"x cuDNN={row.get('x vs cuDNN', float('nan')):.2f} "
-                         f"eff={row.get('efficiency', float('nan')):.2f}")  # fmt: skip
+                progress(
+                    f"  {label} {row['backend']}: density={row['density']:.3f} "
+                    f"build={row['mask build ms']:.3g} attn={row['sparse attn ms']:.3g} "
+                    f"total={row['total ms']:.3g} "
+                    f"x cuDNN={row.get('x vs cuDNN', float('nan')):.2f} "
+                    f"eff={row.get('efficiency', float('nan')):.2f}"
+                )
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -141,8 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         "flex (and so efficiency) is Triton's. "
         + (f"FLASH not run: {flash_note}." if flash_note else f"Ran: {', '.join(backends)}."),
     ]
-    path = write_results("attention", "flexsample attention vs dense kernels",
-                         [("Attention op", COLUMNS, rows)], notes, out_dir)  # fmt: skip
+    path = write_results(
+        "attention",
+        "flexsample attention vs dense kernels",
+        [("Attention op", COLUMNS, rows)],
+        notes,
+        out_dir,
+    )
     print(open(path).read())
 
 

@@ -231,9 +231,13 @@ def build_corpus(config: CorpusConfig | None = None, roots: list[str] | None = N
             train += docs
         else:
             held_out += docs
-        packages[name] = {"split": split, "version": versions.get(name, ""),
-                          "files": len(files), "bytes": sizes[name],
-                          "skipped_large_files": skipped}  # fmt: skip
+        packages[name] = {
+            "split": split,
+            "version": versions.get(name, ""),
+            "files": len(files),
+            "bytes": sizes[name],
+            "skipped_large_files": skipped,
+        }
     train, held_out = _cap(train, config.train_bytes), _cap(held_out, config.eval_bytes)
     for name, info in packages.items():
         docs = train if info["split"] == "train" else held_out

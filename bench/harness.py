@@ -47,8 +47,10 @@ def environment() -> dict[str, str]:
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip()  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             env["driver"] = "unknown"
     else:
@@ -113,8 +115,12 @@ def write_results(
     """Write `<name>.json` and `<name>.md`; tables are (heading, columns, rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    data = {"title": title, "environment": env, "notes": notes,
-            "tables": [{"heading": h, "columns": c, "rows": r} for h, c, r in tables]}  # fmt: skip
+    data = {
+        "title": title,
+        "environment": env,
+        "notes": notes,
+        "tables": [{"heading": h, "columns": c, "rows": r} for h, c, r in tables],
+    }
     (out_dir / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
     md = [f"# {title}", "", *(f"- {k}: `{v}`" for k, v in env.items()), ""]
     for heading, columns, rows in tables:

@@ -28,15 +28,36 @@ from flexsample.selection import select_stripes
 from flexsample.synthetic import structured_qkv
 
 MAIN_COLUMNS = [
-    "S", "layout ms", "scores ms", "select ms", "BlockMask ms", "mask build ms", "sparse attn ms",
+    "S",
+    "layout ms",
+    "scores ms",
+    "select ms",
+    "BlockMask ms",
+    "mask build ms",
+    "sparse attn ms",
     "total ms",
-    "build/attn", "peak MiB", "density", "SDPA cuDNN ms", "SDPA flash ms", "SDPA default ms",
-    "flex dense ms", "x vs cuDNN", "x vs flash",
-]  # fmt: skip
+    "build/attn",
+    "peak MiB",
+    "density",
+    "SDPA cuDNN ms",
+    "SDPA flash ms",
+    "SDPA default ms",
+    "flex dense ms",
+    "x vs cuDNN",
+    "x vs flash",
+]
 SWEEP_COLUMNS = [
-    "S", "sample_ratio", "scores ms", "mask build ms", "sparse attn ms", "build/attn",
-    "density", "CRA mean", "CRA worst head", "CRA p1",
-]  # fmt: skip
+    "S",
+    "sample_ratio",
+    "scores ms",
+    "mask build ms",
+    "sparse attn ms",
+    "build/attn",
+    "density",
+    "CRA mean",
+    "CRA worst head",
+    "CRA p1",
+]
 
 
 def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
@@ -124,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         "(blocks below the diagonal as full blocks).",
         "CRA columns: true CRA of the built mask on 1024 evenly spaced rows (all heads).",
     ]
-    tables = [("Mask build vs attention", MAIN_COLUMNS, main_rows),
-              ("Sample ratio: overhead vs coverage", SWEEP_COLUMNS, sweep_rows)]  # fmt: skip
+    tables = [
+        ("Mask build vs attention", MAIN_COLUMNS, main_rows),
+        ("Sample ratio: overhead vs coverage", SWEEP_COLUMNS, sweep_rows),
+    ]
     path = write_results(name, "flexsample mask build", tables, notes, out_dir)
     print(open(path).read())
 

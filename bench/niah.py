@@ -38,8 +38,15 @@ from flexsample.metrics import density
 
 METHODS = ("dense", "compile", "attn", "window-sink")
 COLUMNS = ["method", "S", "depth", "samples", "accuracy", "density", "sparse calls", "rewritten"]
-SUMMARY_COLUMNS = ["method", "S", "samples", "accuracy", "vs dense (points)", "density",
-                   "sparse calls"]  # fmt: skip
+SUMMARY_COLUMNS = [
+    "method",
+    "S",
+    "samples",
+    "accuracy",
+    "vs dense (points)",
+    "density",
+    "sparse calls",
+]
 
 
 class DensityLog:
@@ -69,8 +76,9 @@ def recording_flexsample(config: SampleConfig, log: DensityLog):
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
         if _sparse_applies(module, query, key, value, attention_mask, dropout, config, kw):
-            log.values.append(density(sample_block_mask(query, key, config, scale=scaling))
-                              .mean().item())  # fmt: skip
+            log.values.append(
+                density(sample_block_mask(query, key, config, scale=scaling)).mean().item()
+            )
         return inner(module, query, key, value, attention_mask, dropout, scaling, **kw)
 
     return forward
@@ -92,14 +100,21 @@ def baseline_attention(config: SampleConfig, log: DensityLog, choose):
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
         if not _sparse_applies(module, query, key, value, attention_mask, dropout, config, kw):
-            return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          dropout=dropout, scaling=scaling, **kw)  # fmt: skip
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
+            )
         seq_len = query.shape[2]
         target = density(sample_block_mask(query, key, config, scale=scaling))
         keep = choose(query, key, target, scaling)
         log.values.append(target.mean().item())
-        out = attention_with_mask(query, key, value, keep_block_mask(keep, seq_len, config),
-                                  scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        out = attention_with_mask(
+            query,
+            key,
+            value,
+            keep_block_mask(keep, seq_len, config),
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
         return out.transpose(1, 2).contiguous(), None
 
     return forward
@@ -155,10 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10, help="prompts per (length, depth)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--min-seq-len", type=int, default=None,
-                        help="override SampleConfig.min_seq_len (default: the package's)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="override SampleConfig.alpha (default: the package's)")
+    parser.add_argument(
+        "--min-seq-len",
+        type=int,
+        default=None,
+        help="override SampleConfig.min_seq_len (default: the package's)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="override SampleConfig.alpha (default: the package's)",
+    )
     parser.add_argument("--name", default="niah")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -187,21 +210,33 @@ def main(argv: list[str] | None = None) -> None:
                 hits = 0
                 for i in range(args.samples):
                     ids, answer = niah_prompt(tokenizer, length, depth, seed=i)
-                    tokens = greedy(prefill, model, torch.tensor([ids], device=device),
-                                    args.max_new_tokens, tokenizer.eos_token_id)  # fmt: skip
+                    tokens = greedy(
+                        prefill,
+                        model,
+                        torch.tensor([ids], device=device),
+                        args.max_new_tokens,
+                        tokenizer.eos_token_id,
+                    )
                     hits += answer_of(tokenizer.decode(tokens)) == answer
                     done += 1
-                    print(f"\r{method}: {done}/{cells} prompts", end="", file=sys.stderr,
-                          flush=True)  # fmt: skip
+                    print(
+                        f"\r{method}: {done}/{cells} prompts", end="", file=sys.stderr, flush=True
+                    )
                 sparse_calls = flexsample.path_counts.get("sparse", 0)
                 # The compiled graph's masks are not observable from here.
                 unlogged = method == "compile" and sparse_calls
-                rows.append({
-                    "method": method, "S": length, "depth": depth, "samples": args.samples,
-                    "accuracy": hits / args.samples, "density": "n/a" if unlogged else log.mean(),
-                    "sparse calls": sparse_calls,
-                    "rewritten": report().rewritten if method == "compile" else "",
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "method": method,
+                        "S": length,
+                        "depth": depth,
+                        "samples": args.samples,
+                        "accuracy": hits / args.samples,
+                        "density": "n/a" if unlogged else log.mean(),
+                        "sparse calls": sparse_calls,
+                        "rewritten": report().rewritten if method == "compile" else "",
+                    }
+                )
         progress("")
         del prefill, model
         if device.type == "cuda":
@@ -226,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         "mask at or above flexsample's density on the same q/k.",
     ]
     out_dir = pathlib.Path(args.out_dir)
-    tables = [("Accuracy by length", SUMMARY_COLUMNS, summary),
-              ("By length and depth", COLUMNS, rows)]  # fmt: skip
+    tables = [
+        ("Accuracy by length", SUMMARY_COLUMNS, summary),
+        ("By length and depth", COLUMNS, rows),
+    ]
     path = write_results(args.name, "Needle in a haystack", tables, notes, out_dir)
     print(open(path).read())
     try:
@@ -246,14 +283,25 @@ def _summary(rows: list[dict], methods: list[str], lengths: list[int]) -> list[d
             dense = [r for r in rows if r["method"] == "dense" and r["S"] == length]
             samples = sum(r["samples"] for r in cell)
             acc = sum(r["accuracy"] * r["samples"] for r in cell) / samples
-            row = {"method": method, "S": length, "samples": samples, "accuracy": acc,
-                   "sparse calls": sum(r["sparse calls"] for r in cell)}  # fmt: skip
+            row = {
+                "method": method,
+                "S": length,
+                "samples": samples,
+                "accuracy": acc,
+                "sparse calls": sum(r["sparse calls"] for r in cell),
+            }
             densities = [r["density"] for r in cell if isinstance(r["density"], float)]
-            row["density"] = (sum(densities) / len(densities) if densities
-                              else cell[0]["density"] if cell else "dense")  # fmt: skip
+            row["density"] = (
+                sum(densities) / len(densities)
+                if densities
+                else cell[0]["density"]
+                if cell
+                else "dense"
+            )
             if dense:
                 dense_acc = sum(r["accuracy"] * r["samples"] for r in dense) / sum(
-                    r["samples"] for r in dense)  # fmt: skip
+                    r["samples"] for r in dense
+                )
                 row["vs dense (points)"] = 100 * (acc - dense_acc)
             out.append(row)
     return out

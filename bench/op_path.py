@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     mask = mask[None, None]
 
     times = {
-        "sample_attention contiguous": lambda: sample_attention(x.q, x.k, x.v, config,
-                                                                enable_gqa=True),
+        "sample_attention contiguous": lambda: sample_attention(
+            x.q, x.k, x.v, config, enable_gqa=True
+        ),
         "op, transformers layout": lambda: op(q, k, v, None, None, True, text),
         "op + causal mask (checked every call)": lambda: op(q, k, v, mask, None, True, text),
         "causal check alone": lambda: is_causal_mask(mask),
@@ -43,10 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, fn in times.items():
         rows.append({"path": name, "ms": time_ms(fn)})
         progress(f"{name}: {rows[-1]['ms']:.2f} ms")
-    notes = [f"S={args.length}, B=1, Hq=32, Hkv=8, D=128, bf16, structured_qkv inputs.",
-             f"Config: {config}."]  # fmt: skip
-    path = write_results("op_path", "Compiler-path costs per layer", [("Per call", ["path", "ms"],
-                         rows)], notes)  # fmt: skip
+    notes = [
+        f"S={args.length}, B=1, Hq=32, Hkv=8, D=128, bf16, structured_qkv inputs.",
+        f"Config: {config}.",
+    ]
+    path = write_results(
+        "op_path", "Compiler-path costs per layer", [("Per call", ["path", "ms"], rows)], notes
+    )
     print(open(path).read())
 
 

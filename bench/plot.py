@@ -45,8 +45,10 @@ def _lines(ax, rows, group: str, y: str) -> None:
 def attention(directory: pathlib.Path) -> pathlib.Path:
     rows, env = _load("attention", directory)
     # One line per config and flex backend (results before the backend column: config only).
-    rows = [{**row, "line": " ".join(str(row[k]) for k in ("config", "backend") if k in row)}
-            for row in rows]  # fmt: skip
+    rows = [
+        {**row, "line": " ".join(str(row[k]) for k in ("config", "backend") if k in row)}
+        for row in rows
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     _lines(axes[0], rows, "line", "x vs cuDNN")
     axes[0].set_ylabel("speedup of total vs SDPA cuDNN")
@@ -89,8 +91,7 @@ def niah(directory: pathlib.Path, name: str = "niah") -> pathlib.Path:
     methods = list(dict.fromkeys(row["method"] for row in rows))
     lengths = sorted({row["S"] for row in rows})
     depths = sorted({row["depth"] for row in rows})
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         grid = [[float("nan")] * len(lengths) for _ in depths]
         for row in rows:
@@ -118,8 +119,15 @@ def realtext(directory: pathlib.Path, name: str = "realtext") -> pathlib.Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:
         if isinstance(row.get("density"), float) and isinstance(row.get("ratio"), float):
-            ax.errorbar(row["density"], row["ratio"], yerr=row.get("ratio SE", 0.0), fmt="o",
-                        ms=4, capsize=2, label=row["method"])  # fmt: skip
+            ax.errorbar(
+                row["density"],
+                row["ratio"],
+                yerr=row.get("ratio SE", 0.0),
+                fmt="o",
+                ms=4,
+                capsize=2,
+                label=row["method"],
+            )
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(1.01, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("density (kept share of the causal area)")
@@ -136,8 +144,13 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-PLOTS = {"attention": attention, "ttft": ttft, "accuracy": accuracy, "niah": niah,
-         "realtext": realtext}
+PLOTS = {
+    "attention": attention,
+    "ttft": ttft,
+    "accuracy": accuracy,
+    "niah": niah,
+    "realtext": realtext,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

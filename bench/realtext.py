@@ -58,10 +58,31 @@ from flexsample.block_mask import kept_blocks
 from flexsample.metrics import block_density, density
 
 SWITCH_NAME = "realtext"
-PPL_COLUMNS = ["method", "density", "ppl last", "ratio", "ratio SE", "ppl all", "ratio all",
-               "ratio all SE", "docs", "sparse calls", "seconds"]  # fmt: skip
-LAYER_COLUMNS = ["layer", "method", "density", "density min head", "density max head",
-                 "CRA mean", "CRA worst head", "CRA p1", "err max", "err mean"]  # fmt: skip
+PPL_COLUMNS = [
+    "method",
+    "density",
+    "ppl last",
+    "ratio",
+    "ratio SE",
+    "ppl all",
+    "ratio all",
+    "ratio all SE",
+    "docs",
+    "sparse calls",
+    "seconds",
+]
+LAYER_COLUMNS = [
+    "layer",
+    "method",
+    "density",
+    "density min head",
+    "density max head",
+    "CRA mean",
+    "CRA worst head",
+    "CRA p1",
+    "err max",
+    "err mean",
+]
 BASELINES = ("window+sink", "vertical-slash", "oracle columns", "oracle blocks")
 
 
@@ -92,8 +113,9 @@ def register_switch() -> str:
     return SWITCH_NAME
 
 
-def eval_documents(model_dir: pathlib.Path, tokenizer, length: int, count: int,
-                   tiny: bool = False) -> tuple[list[np.ndarray], list[str], dict]:  # fmt: skip
+def eval_documents(
+    model_dir: pathlib.Path, tokenizer, length: int, count: int, tiny: bool = False
+) -> tuple[list[np.ndarray], list[str], dict]:
     """The first `count` held-out documents (in hash order, as the corpus caps them) with at
     least `length` tokens, cut to `length`: (ids, names, corpus record of this machine).
     The corpus caps come from the checkpoint's corpus.json, so the eval split is the one the
@@ -101,16 +123,17 @@ def eval_documents(model_dir: pathlib.Path, tokenizer, length: int, count: int,
     saved = model_dir / "corpus.json"
     trained = json.loads(saved.read_text()) if saved.exists() else None
     if trained is not None:
-        fields = {k: tuple(v) if isinstance(v, list) else v
-                  for k, v in trained["config"].items()}  # fmt: skip
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in trained["config"].items()}
         config = CorpusConfig(**fields)
     else:
         config = CorpusConfig()
     corpus = build_corpus(config)
     record = corpus.record()
     if trained is not None and trained["eval_packages"] != record["eval_packages"]:
-        raise ValueError(f"eval packages {record['eval_packages']} differ from the training "
-                         f"run's {trained['eval_packages']}: not held out")  # fmt: skip
+        raise ValueError(
+            f"eval packages {record['eval_packages']} differ from the training "
+            f"run's {trained['eval_packages']}: not held out"
+        )
     record["matches_training_corpus"] = (
         trained is not None and trained["file_list_sha256"] == record["file_list_sha256"]
     )
@@ -178,8 +201,11 @@ def summarize(method: str, losses: dict, dense: dict | None, extra: dict) -> dic
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: --out)")
-    parser.add_argument("--train", action="store_true",
-                        help="train the model first (bench.train_realtext flags apply)")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="train the model first (bench.train_realtext flags apply)",
+    )
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--last", type=int, default=2048, help="scored tail, tokens")
     parser.add_argument("--docs", type=int, default=24)
@@ -187,20 +213,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--near-chunk", type=int, default=512)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--oracle-densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="the torch.compile door (default: on with CUDA)")
-    parser.add_argument("--min-seq-len", type=int, default=None,
-                        help="override SampleConfig.min_seq_len (tiny tests)")
-    parser.add_argument("--block", type=int, default=None,
-                        help="override SampleConfig q_block = kv_block (tiny tests)")
-    parser.add_argument("--capture-rows", type=int, default=4096,
-                        help="true CRA over this many evenly spaced rows (all rows if S is less)")
-    parser.add_argument("--qkv-out", default=None,
-                        help="captured q/k/v file (default: <model>/qkv.pt)")
-    parser.add_argument("--qkv-layers", type=int, nargs="+", default=None,
-                        help="layers to save (default: first, middle, last)")
-    parser.add_argument("--budget-minutes", type=float, default=4.0,
-                        help="skip the remaining methods once the evaluation took this long")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the torch.compile door (default: on with CUDA)",
+    )
+    parser.add_argument(
+        "--min-seq-len",
+        type=int,
+        default=None,
+        help="override SampleConfig.min_seq_len (tiny tests)",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="override SampleConfig q_block = kv_block (tiny tests)",
+    )
+    parser.add_argument(
+        "--capture-rows",
+        type=int,
+        default=4096,
+        help="true CRA over this many evenly spaced rows (all rows if S is less)",
+    )
+    parser.add_argument(
+        "--qkv-out", default=None, help="captured q/k/v file (default: <model>/qkv.pt)"
+    )
+    parser.add_argument(
+        "--qkv-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="layers to save (default: first, middle, last)",
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=4.0,
+        help="skip the remaining methods once the evaluation took this long",
+    )
     parser.add_argument("--name", default="realtext")
     parser.add_argument("--out-dir", default=None, help="results directory")
     train_realtext.add_arguments(parser)
@@ -217,9 +269,26 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     args = parse_args(argv)
     wall = time.perf_counter()
     if args.train:
-        skip = {"model", "train", "length", "last", "docs", "near", "near_chunk", "alphas",
-                "oracle_densities", "compile", "min_seq_len", "block", "capture_rows", "qkv_out",
-                "qkv_layers", "budget_minutes", "name", "out_dir"}  # fmt: skip
+        skip = {
+            "model",
+            "train",
+            "length",
+            "last",
+            "docs",
+            "near",
+            "near_chunk",
+            "alphas",
+            "oracle_densities",
+            "compile",
+            "min_seq_len",
+            "block",
+            "capture_rows",
+            "qkv_out",
+            "qkv_layers",
+            "budget_minutes",
+            "name",
+            "out_dir",
+        }
         train_argv = []
         for key, value in vars(args).items():
             if key in skip or value is None or value is False:
@@ -238,8 +307,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     if args.block is not None:
         overrides.update(q_block=args.block, kv_block=args.block)
     config = SampleConfig(**{k: v for k, v in overrides.items() if v is not None})
-    out_dir = pathlib.Path(args.out_dir) if args.out_dir else (
-        RESULTS / "cpu" if device.type == "cpu" else RESULTS)  # fmt: skip
+    out_dir = (
+        pathlib.Path(args.out_dir)
+        if args.out_dir
+        else (RESULTS / "cpu" if device.type == "cpu" else RESULTS)
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     docs, names, record = eval_documents(model_dir, tokenizer, args.length, args.docs)
@@ -252,8 +324,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     skipped: list[str] = []
     losses_of: dict[str, dict] = {}
 
-    def run(method: str, model, *, attn_fn=None, log: DensityLog | None = None,
-            near: bool = False, density_of: str | None = None) -> None:  # fmt: skip
+    def run(
+        method: str,
+        model,
+        *,
+        attn_fn=None,
+        log: DensityLog | None = None,
+        near: bool = False,
+        density_of: str | None = None,
+    ) -> None:
         if time.perf_counter() - eval_start > args.budget_minutes * 60:
             skipped.append(method)
             progress(f"{method}: skipped (evaluation budget spent)")
@@ -264,8 +343,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         last, every = [], []
         for ids in inputs:
             if near:
-                last.append(nearest_losses(model, ids, args.last, args.near,
-                                           args.near_chunk).mean().item())  # fmt: skip
+                last.append(
+                    nearest_losses(model, ids, args.last, args.near, args.near_chunk).mean().item()
+                )
             else:
                 nll = token_losses(model, ids)
                 last.append(nll[-args.last :].mean().item())
@@ -277,14 +357,17 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         if log is not None:
             extra["density"] = log.mean()
         elif density_of is not None:
-            extra["density"] = next((r["density"] for r in rows if r["method"] == density_of),
-                                    "n/a")  # fmt: skip
+            extra["density"] = next(
+                (r["density"] for r in rows if r["method"] == density_of), "n/a"
+            )
         else:
             extra["density"] = 1.0 if method == "dense" else "n/a"
         row = summarize(method, losses, losses_of.get("dense"), extra)
         rows.append(row)
-        progress(f"{method:<28} ppl last {row['ppl last']:.4f} ratio {row.get('ratio', 1):.4f}"
-                 f" ± {row.get('ratio SE', 0):.4f} density {row['density']} {seconds:.1f}s")
+        progress(
+            f"{method:<28} ppl last {row['ppl last']:.4f} ratio {row.get('ratio', 1):.4f}"
+            f" ± {row.get('ratio SE', 0):.4f} density {row['density']} {seconds:.1f}s"
+        )
         write()
 
     def write() -> pathlib.Path:
@@ -313,17 +396,26 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         ]
         if skipped:
             notes.append(f"Skipped (evaluation budget {args.budget_minutes} min): {skipped}.")
-        tables = [("Perplexity by method", PPL_COLUMNS, rows),
-                  ("Per layer, from the model's own q/k", LAYER_COLUMNS, layer_rows)]  # fmt: skip
-        return write_results(args.name, "Real-text judge: perplexity under each mask", tables,
-                             notes, out_dir)  # fmt: skip
+        tables = [
+            ("Perplexity by method", PPL_COLUMNS, rows),
+            ("Per layer, from the model's own q/k", LAYER_COLUMNS, layer_rows),
+        ]
+        return write_results(
+            args.name, "Real-text judge: perplexity under each mask", tables, notes, out_dir
+        )
 
     layer_rows: list[dict] = []
     model = load(model_dir, switch, device, dtype)
     sdpa = _sdpa_forward()
     run("dense", model, attn_fn=sdpa)
-    run(f"dense nearest {args.near // 1024}K" if args.near >= 1024 else f"dense nearest "
-        f"{args.near}", model, attn_fn=sdpa, near=True)  # fmt: skip
+    run(
+        f"dense nearest {args.near // 1024}K"
+        if args.near >= 1024
+        else f"dense nearest {args.near}",
+        model,
+        attn_fn=sdpa,
+        near=True,
+    )
     default_alpha = config.alpha
     for alpha in sorted(set(args.alphas) | {default_alpha}):
         cfg = dataclasses.replace(config, alpha=alpha)
@@ -341,15 +433,17 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     }
     for name, choose in baselines.items():
         log = DensityLog()
-        run(f"{name} @flexsample", model, attn_fn=baseline_attention(config, log, choose),
-            log=log)  # fmt: skip
+        run(f"{name} @flexsample", model, attn_fn=baseline_attention(config, log, choose), log=log)
     for fixed in args.oracle_densities:
         actual = DensityLog()  # the oracle's own density (>= fixed: whole blocks)
 
         def choose(q, k, t, s, fixed=fixed, actual=actual):
             keep = oracle_blocks(q, k, torch.full_like(t, fixed), config, s)
-            actual.values.append(block_density(keep, q.shape[2], q.shape[2], config.q_block,
-                                               config.kv_block).mean().item())  # fmt: skip
+            actual.values.append(
+                block_density(keep, q.shape[2], q.shape[2], config.q_block, config.kv_block)
+                .mean()
+                .item()
+            )
             return keep
 
         forward = baseline_attention(config, DensityLog(), choose)
@@ -357,8 +451,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     if use_compile:
         torch._dynamo.reset()
         reset_report()
-        compiled = torch.compile(load(model_dir, "sdpa", device, dtype),
-                                 backend=flexsample.backend(config))  # fmt: skip
+        compiled = torch.compile(
+            load(model_dir, "sdpa", device, dtype), backend=flexsample.backend(config)
+        )
         run("flexsample compile", compiled, density_of=default_row)
         if rows[-1]["method"] == "flexsample compile":
             rows[-1]["rewritten"] = report().rewritten
@@ -367,8 +462,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     layer_rows += layer_study(model, inputs[0], config, args, model_dir)
     SWITCH.fn = None
     path = write()
-    progress(f"evaluation {time.perf_counter() - eval_start:.0f}s, all "
-             f"{time.perf_counter() - wall:.0f}s")  # fmt: skip
+    progress(
+        f"evaluation {time.perf_counter() - eval_start:.0f}s, all {time.perf_counter() - wall:.0f}s"
+    )
     print(path.read_text())
     try:
         from bench.plot import realtext as plot
@@ -420,20 +516,35 @@ def layer_study(model, ids: torch.Tensor, config: SampleConfig, args, model_dir)
         }
         for method, keep in keeps.items():
             per_head = block_density(keep, seq_len, seq_len, config.q_block, config.kv_block)
-            out.append({"layer": layer, "method": method, **mask_accuracy(x, keep, dense, config,
-                                                                          rows),
-                        "density min head": per_head.min().item(),
-                        "density max head": per_head.max().item()})  # fmt: skip
-            progress(f"layer {layer} {method:<15} density {out[-1]['density']:.3f} CRA "
-                     f"{out[-1]['CRA mean']:.4f} worst {out[-1]['CRA worst head']:.4f} err "
-                     f"{out[-1]['err mean']:.4f}")  # fmt: skip
+            out.append(
+                {
+                    "layer": layer,
+                    "method": method,
+                    **mask_accuracy(x, keep, dense, config, rows),
+                    "density min head": per_head.min().item(),
+                    "density max head": per_head.max().item(),
+                }
+            )
+            progress(
+                f"layer {layer} {method:<15} density {out[-1]['density']:.3f} CRA "
+                f"{out[-1]['CRA mean']:.4f} worst {out[-1]['CRA worst head']:.4f} err "
+                f"{out[-1]['err mean']:.4f}"
+            )
     layers = sorted(captured)
     chosen = args.qkv_layers or sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     save_dtype = torch.bfloat16 if ids.is_cuda else torch.float16
     path = pathlib.Path(args.qkv_out) if args.qkv_out else model_dir / "qkv.pt"
-    torch.save({"layers": chosen, "source": str(model_dir),
-                **{name: [captured[i][j].to(save_dtype).cpu() for i in chosen]
-                   for j, name in enumerate("qkv")}}, path)  # fmt: skip
+    torch.save(
+        {
+            "layers": chosen,
+            "source": str(model_dir),
+            **{
+                name: [captured[i][j].to(save_dtype).cpu() for i in chosen]
+                for j, name in enumerate("qkv")
+            },
+        },
+        path,
+    )
     progress(f"q/k/v of layers {chosen} saved to {path}")
     return out
 

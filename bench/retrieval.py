@@ -52,8 +52,21 @@ def needle(key: str, value: str) -> list[str]:
 
 def question(key: str) -> list[str]:
     """The question; the answer (the value) is the next word."""
-    return ["what", "is", "the", "pass", "key", "of", key, "?", "the", "pass", "key", "of",
-            labelled(key)]  # fmt: skip
+    return [
+        "what",
+        "is",
+        "the",
+        "pass",
+        "key",
+        "of",
+        key,
+        "?",
+        "the",
+        "pass",
+        "key",
+        "of",
+        labelled(key),
+    ]
 
 
 def filler_sentence(rng: random.Random) -> list[str]:

@@ -25,12 +25,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--splits", type=int, nargs="+", default=[32, 64, 128, 1024],
-                        help="KV blocks per program (split_blocks)")
+    parser.add_argument(
+        "--splits",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128, 1024],
+        help="KV blocks per program (split_blocks)",
+    )
     args = parser.parse_args(argv)
     config = SampleConfig(min_seq_len=0)
-    default = {"split_blocks": sampling.SPLIT_BLOCKS, "num_warps": sampling.NUM_WARPS,
-               "num_stages": sampling.NUM_STAGES}  # fmt: skip
+    default = {
+        "split_blocks": sampling.SPLIT_BLOCKS,
+        "num_warps": sampling.NUM_WARPS,
+        "num_stages": sampling.NUM_STAGES,
+    }
     rows = []
     for seq_len in args.lengths:
         x = structured_qkv(1, 32, 8, seq_len, 128, dtype=torch.bfloat16, device="cuda")
@@ -41,21 +49,40 @@ def main(argv: list[str] | None = None) -> None:
         for split, warps, stages in itertools.product(args.splits, args.warps, args.stages):
             launch = {"split_blocks": split, "num_warps": warps, "num_stages": stages}
             try:
-                ms = time_ms(lambda x=x, launch=launch, layout=layout: sampling.triton_block_scores(
-                    x.q, x.k, layout, 128**-0.5, **launch))  # fmt: skip
+                ms = time_ms(
+                    lambda x=x, launch=launch, layout=layout: sampling.triton_block_scores(
+                        x.q, x.k, layout, 128**-0.5, **launch
+                    )
+                )
             except Exception as err:  # e.g. out of shared memory for this config
-                progress(f"S={seq_len} split={split} warps={warps} stages={stages}: {err}"
-                         .splitlines()[0])  # fmt: skip
+                progress(
+                    f"S={seq_len} split={split} warps={warps} stages={stages}: {err}".splitlines()[
+                        0
+                    ]
+                )
                 continue
-            row = {"S": seq_len, "sample_ratio": config.sample_ratio, "split_blocks": split,
-                   "num_warps": warps, "num_stages": stages, "ms": ms,
-                   "TFLOP/s": flops / ms / 1e9}  # fmt: skip
+            row = {
+                "S": seq_len,
+                "sample_ratio": config.sample_ratio,
+                "split_blocks": split,
+                "num_warps": warps,
+                "num_stages": stages,
+                "ms": ms,
+                "TFLOP/s": flops / ms / 1e9,
+            }
             rows.append(row)
             progress(f"S={seq_len} split={split} warps={warps} stages={stages}: {ms:.3f} ms")
-    notes = [f"Config: {config}.", "Inputs: structured_qkv, B=1, Hq=32, Hkv=8, D=128, bf16.",
-             f"Default launch at the time of the run: {default}."]  # fmt: skip
-    path = write_results("score_kernel", "Stage-1 score kernel launch sweep",
-                         [("Launch sweep", COLUMNS, rows)], notes)  # fmt: skip
+    notes = [
+        f"Config: {config}.",
+        "Inputs: structured_qkv, B=1, Hq=32, Hkv=8, D=128, bf16.",
+        f"Default launch at the time of the run: {default}.",
+    ]
+    path = write_results(
+        "score_kernel",
+        "Stage-1 score kernel launch sweep",
+        [("Launch sweep", COLUMNS, rows)],
+        notes,
+    )
     print(open(path).read())
 
 

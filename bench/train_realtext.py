@@ -36,13 +36,31 @@ from bench.train_retrieval import learning_rate, train_step
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 #: Model sizes: "base" is the reference judge; "tiny" runs in seconds on a CPU.
 SIZES = {
-    "base": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=6,
-                 num_key_value_heads=2, head_dim=128, num_hidden_layers=8),
-    "small": dict(hidden_size=256, intermediate_size=768, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=128, num_hidden_layers=4),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, num_hidden_layers=2),
-}  # fmt: skip
+    "base": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=128,
+        num_hidden_layers=8,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        num_hidden_layers=4,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+    ),
+}
 LOG_COLUMNS = ["step", "S", "seconds", "tokens", "loss"]
 STAGE_COLUMNS = ["S", "steps", "batch", "tokens", "seconds", "first loss", "last loss"]
 PACKAGE_COLUMNS = ["package", "split", "version", "files", "bytes", "documents", "used_bytes"]
@@ -59,16 +77,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 8192, sample_bytes: int 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     total = sum(len(t) for t in texts)
     stride = max(1, math.ceil(total / sample_bytes))
     tok.train_from_iterator(texts[::stride], trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
-        clean_up_tokenization_spaces=False, model_max_length=1 << 20,
-    )  # fmt: skip
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20,
+    )
 
 
 def encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
@@ -86,8 +110,9 @@ def token_stream(docs: list[np.ndarray], eos_id: int) -> np.ndarray:
     return np.concatenate([part for doc in docs for part in (eos, doc)])
 
 
-def prepare(out: pathlib.Path, corpus_config: CorpusConfig, vocab_size: int,
-            tokenizer_bytes: int) -> tuple[object, np.ndarray, dict, dict]:  # fmt: skip
+def prepare(
+    out: pathlib.Path, corpus_config: CorpusConfig, vocab_size: int, tokenizer_bytes: int
+) -> tuple[object, np.ndarray, dict, dict]:
     """Corpus plan, tokenizer and tokenized training stream, reusing `out`'s cache when the
     corpus hash and vocab size match. Returns (tokenizer, stream, corpus record, seconds)."""
     from transformers import AutoTokenizer
@@ -129,17 +154,23 @@ def model_config(vocab_size: int, max_len: int, size: str = "base"):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=-(-vocab_size // 64) * 64, max_position_embeddings=max_len,
-        rope_theta=500000.0, tie_word_embeddings=True, pad_token_id=1, bos_token_id=0,
-        eos_token_id=0, **SIZES[size],
-    )  # fmt: skip
+        vocab_size=-(-vocab_size // 64) * 64,
+        max_position_embeddings=max_len,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+        **SIZES[size],
+    )
 
 
 def curriculum(max_len: int, start: int = 2048) -> list[tuple[int, float]]:
     """(sequence length, share of the training time): short sequences first (cheap steps to
     learn the language), then 4x longer stages up to `max_len`, which teach long context."""
-    lengths = sorted({min(n, max_len) for n in (start, 4 * start, 16384, 32768) if n <= max_len}
-                     | {max_len})  # fmt: skip
+    lengths = sorted(
+        {min(n, max_len) for n in (start, 4 * start, 16384, 32768) if n <= max_len} | {max_len}
+    )
     shares = {1: [1.0], 2: [0.5, 0.5], 3: [0.4, 0.3, 0.3], 4: [0.35, 0.25, 0.2, 0.2]}
     weights = shares.get(len(lengths), [1.0 / len(lengths)] * len(lengths))
     return list(zip(lengths, weights, strict=True))
@@ -154,8 +185,9 @@ def crops(rng: np.random.Generator, stream: np.ndarray, length: int, size: int, 
 
 def train(model, stream: np.ndarray, stages, args, device) -> tuple[list, list]:
     """The time-budgeted curriculum; returns (log rows, stage rows)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
-                                  betas=(0.9, 0.95))  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
+    )
     rng = np.random.default_rng(args.seed)
     budget_s = args.minutes * 60
     start = time.perf_counter()
@@ -168,8 +200,9 @@ def train(model, stream: np.ndarray, stages, args, device) -> tuple[list, list]:
         size = max(1, args.tokens_per_step // length)
         losses, stage_steps, window = [], 0, []
         while time.perf_counter() < stage_end or stage_steps == 0:
-            lr = learning_rate(args.lr, steps, (time.perf_counter() - start) / budget_s,
-                               warmup=args.warmup)  # fmt: skip
+            lr = learning_rate(
+                args.lr, steps, (time.perf_counter() - start) / budget_s, warmup=args.warmup
+            )
             ids = crops(rng, stream, length, size, device)
             loss = train_step(model, optimizer, ids, ids, lr).loss.item()
             losses.append(loss)
@@ -177,17 +210,32 @@ def train(model, stream: np.ndarray, stages, args, device) -> tuple[list, list]:
             steps, stage_steps, tokens = steps + 1, stage_steps + 1, tokens + ids.numel()
             seconds = time.perf_counter() - start
             if steps % args.log_every == 0:
-                log.append({"step": steps, "S": length, "seconds": seconds, "tokens": tokens,
-                            "loss": float(np.mean(window))})  # fmt: skip
+                log.append(
+                    {
+                        "step": steps,
+                        "S": length,
+                        "seconds": seconds,
+                        "tokens": tokens,
+                        "loss": float(np.mean(window)),
+                    }
+                )
                 window = []
-                progress(f"step {steps} S={length} loss {log[-1]['loss']:.3f} lr {lr:.2e} "
-                         f"{seconds:.0f}s {tokens / 1e6:.1f}M tokens")  # fmt: skip
+                progress(
+                    f"step {steps} S={length} loss {log[-1]['loss']:.3f} lr {lr:.2e} "
+                    f"{seconds:.0f}s {tokens / 1e6:.1f}M tokens"
+                )
         tail = max(1, len(losses) // 10)
-        stage_rows.append({"S": length, "steps": stage_steps, "batch": size,
-                           "tokens": stage_steps * size * length,
-                           "seconds": time.perf_counter() - stage_start,
-                           "first loss": float(np.mean(losses[:tail])),
-                           "last loss": float(np.mean(losses[-tail:]))})  # fmt: skip
+        stage_rows.append(
+            {
+                "S": length,
+                "steps": stage_steps,
+                "batch": size,
+                "tokens": stage_steps * size * length,
+                "seconds": time.perf_counter() - stage_start,
+                "first loss": float(np.mean(losses[:tail])),
+                "last loss": float(np.mean(losses[-tail:])),
+            }
+        )
     return log, stage_rows
 
 
@@ -199,34 +247,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training flags (shared with `bench.realtext --train`)."""
-    parser.add_argument("--out", default="bench/checkpoints/realtext",
-                        help="directory for the checkpoint, tokenizer and token cache")
+    parser.add_argument(
+        "--out",
+        default="bench/checkpoints/realtext",
+        help="directory for the checkpoint, tokenizer and token cache",
+    )
     parser.add_argument("--minutes", type=float, default=4.5, help="training time budget")
     parser.add_argument("--max-len", type=int, default=16384, help="last curriculum length")
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
-    parser.add_argument("--tiny", action="store_true",
-                        help="CPU smoke run: tiny model, small corpus, short sequences")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke run: tiny model, small corpus, short sequences",
+    )
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--tokenizer-mb", type=float, default=24.0,
-                        help="MB of training text the BPE is trained on")
+    parser.add_argument(
+        "--tokenizer-mb", type=float, default=24.0, help="MB of training text the BPE is trained on"
+    )
     parser.add_argument("--train-mb", type=float, default=160.0, help="training split cap")
-    parser.add_argument("--packages", nargs="+", default=None,
-                        help="restrict the corpus to these top-level packages")
+    parser.add_argument(
+        "--packages",
+        nargs="+",
+        default=None,
+        help="restrict the corpus to these top-level packages",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--results-dir", default=None,
-                        help="default bench/results (bench/results/cpu with --tiny)")
+    parser.add_argument(
+        "--results-dir", default=None, help="default bench/results (bench/results/cpu with --tiny)"
+    )
 
 
 def corpus_config(args: argparse.Namespace) -> CorpusConfig:
     """The corpus caps these flags ask for (`--tiny` shrinks everything)."""
     only = tuple(args.packages) if args.packages else None
     if args.tiny:
-        return CorpusConfig(doc_bytes=24_000, train_bytes=2_000_000, eval_bytes=400_000,
-                            package_bytes=1_000_000, min_eval_bytes=200_000, only=only)
+        return CorpusConfig(
+            doc_bytes=24_000,
+            train_bytes=2_000_000,
+            eval_bytes=400_000,
+            package_bytes=1_000_000,
+            min_eval_bytes=200_000,
+            only=only,
+        )
     return CorpusConfig(train_bytes=int(args.train_mb * 1e6), only=only)
 
 
@@ -242,11 +308,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = pathlib.Path(args.out)
     wall = time.perf_counter()
-    tokenizer, stream, record, prep = prepare(out, corpus_config(args), args.vocab,
-                                              int(args.tokenizer_mb * 1e6))  # fmt: skip
-    progress(f"corpus: {record['train_documents']} train / {record['eval_documents']} eval "
-             f"documents, {len(stream) / 1e6:.1f}M training tokens, eval packages "
-             f"{record['eval_packages']}; {prep}")  # fmt: skip
+    tokenizer, stream, record, prep = prepare(
+        out, corpus_config(args), args.vocab, int(args.tokenizer_mb * 1e6)
+    )
+    progress(
+        f"corpus: {record['train_documents']} train / {record['eval_documents']} eval "
+        f"documents, {len(stream) / 1e6:.1f}M training tokens, eval packages "
+        f"{record['eval_packages']}; {prep}"
+    )
     torch.manual_seed(args.seed)
     config = model_config(len(tokenizer), args.max_len, args.size)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
@@ -259,8 +328,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     total_s = time.perf_counter() - wall
-    progress(f"saved to {out}: {sum(r['steps'] for r in stage_rows)} steps, {train_s:.0f}s "
-             f"training, {total_s:.0f}s in all")  # fmt: skip
+    progress(
+        f"saved to {out}: {sum(r['steps'] for r in stage_rows)} steps, {train_s:.0f}s "
+        f"training, {total_s:.0f}s in all"
+    )
 
     packages = [{"package": name, **info} for name, info in record["packages"].items()]
     notes = [
@@ -287,15 +358,21 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         f"{record['config']}; roots {record['roots']}.",
         f"Checkpoint: {out} (not committed; rerun the command to reproduce).",
     ]
-    tables = [("Curriculum stages", STAGE_COLUMNS, stage_rows),
-              ("Training log", LOG_COLUMNS, log),
-              ("Corpus packages", PACKAGE_COLUMNS, packages)]  # fmt: skip
-    results = pathlib.Path(args.results_dir) if args.results_dir else (
-        RESULTS / "cpu" if args.tiny else RESULTS)  # fmt: skip
+    tables = [
+        ("Curriculum stages", STAGE_COLUMNS, stage_rows),
+        ("Training log", LOG_COLUMNS, log),
+        ("Corpus packages", PACKAGE_COLUMNS, packages),
+    ]
+    results = (
+        pathlib.Path(args.results_dir)
+        if args.results_dir
+        else (RESULTS / "cpu" if args.tiny else RESULTS)
+    )
     path = write_results("train_realtext", "Real-text judge: training", tables, notes, results)
     data = json.loads((results / "train_realtext.json").read_text())
-    data.update(corpus=record, args=vars(args), seconds={"total": total_s, "train": train_s,
-                                                           **prep})  # fmt: skip
+    data.update(
+        corpus=record, args=vars(args), seconds={"total": total_s, "train": train_s, **prep}
+    )
     (results / "train_realtext.json").write_text(json.dumps(data, indent=1, default=str))
     progress(f"results: {path}")
     return out

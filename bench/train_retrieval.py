@@ -39,16 +39,33 @@ def model_config(vocab_size: int, max_len: int, *, tiny: bool):
     """Llama architecture (RoPE, GQA 2:1, SwiGLU); `tiny` for CPU tests."""
     from transformers import LlamaConfig
 
-    width = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, num_hidden_layers=3) if tiny else dict(  # fmt: skip
-        hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4,
-        num_hidden_layers=4,
+    width = (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=3,
+        )
+        if tiny
+        else dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_hidden_layers=4,
+        )
     )
     return LlamaConfig(
-        vocab_size=-(-vocab_size // 64) * 64, max_position_embeddings=max_len,
-        rope_theta=100000.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
-        eos_token_id=3, **width,
-    )  # fmt: skip
+        vocab_size=-(-vocab_size // 64) * 64,
+        max_position_embeddings=max_len,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        **width,
+    )
 
 
 def curriculum(max_len: int) -> list[tuple[int, float]]:
@@ -79,8 +96,11 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, value_ids: torch
 def learning_rate(peak: float, step: int, elapsed: float, warmup: int = 100) -> float:
     """Linear warm-up over `warmup` steps, then cosine in elapsed time (share of the time
     budget, 0..1) down to 10% of `peak`: a time-budgeted run ends at the schedule's end."""
-    return peak * min(1.0, (step + 1) / warmup) * (
-        0.1 + 0.9 * math.cos(0.5 * math.pi * min(elapsed, 1.0)))
+    return (
+        peak
+        * min(1.0, (step + 1) / warmup)
+        * (0.1 + 0.9 * math.cos(0.5 * math.pi * min(elapsed, 1.0)))
+    )
 
 
 def train_step(model, optimizer, ids: torch.Tensor, labels: torch.Tensor, lr: float):
@@ -99,8 +119,9 @@ def train_step(model, optimizer, ids: torch.Tensor, labels: torch.Tensor, lr: fl
 
 def batch(rng, vocab, length: int, size: int, max_needles: int, device):
     most = max(1, min(max_needles, length // 64))  # 32-token sequences hold one needle
-    examples = [training_example(rng, vocab, length, int(rng.integers(1, most + 1)))
-                for _ in range(size)]  # fmt: skip
+    examples = [
+        training_example(rng, vocab, length, int(rng.integers(1, most + 1))) for _ in range(size)
+    ]
     ids, labels = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*examples, strict=True))
     return ids, labels
 
@@ -122,8 +143,9 @@ def evaluate(model, tokenizer, lengths, depths, samples: int, device, seed: int 
                 predicted = tokenizer.batch_decode(logits.argmax(-1)[:, None])
                 answers = [answer for _, answer in chunk]
                 hits += sum(p.strip() == a for p, a in zip(predicted, answers, strict=True))
-            rows.append({"S": length, "depth": depth, "samples": samples,
-                         "accuracy": hits / samples})  # fmt: skip
+            rows.append(
+                {"S": length, "depth": depth, "samples": samples, "accuracy": hits / samples}
+            )
             progress(f"  eval S={length} depth={depth}: {hits}/{samples}")
     model.train()
     return rows
@@ -159,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     params = sum(p.numel() for p in model.parameters())
     progress(f"model: {params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
-                                  betas=(0.9, 0.95))  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
+    )
     rng = np.random.default_rng(args.seed)
     budget_s = args.minutes * 60
     start = time.perf_counter()
@@ -180,13 +203,19 @@ def main(argv: list[str] | None = None) -> None:
             out = train_step(model, optimizer, ids, labels, lr)
             steps += 1
             if steps % CHECK_EVERY == 0:
-                entry = {"step": steps, "S": length, "seconds": time.perf_counter() - start,
-                         "loss": out.loss.item(),
-                         "answer accuracy": answer_accuracy(out.logits, labels, value_ids)}
+                entry = {
+                    "step": steps,
+                    "S": length,
+                    "seconds": time.perf_counter() - start,
+                    "loss": out.loss.item(),
+                    "answer accuracy": answer_accuracy(out.logits, labels, value_ids),
+                }
                 log.append(entry)
                 passed = 0 if last_stage or entry["answer accuracy"] < ADVANCE else passed + 1
-                progress(f"step {steps} S={length} loss {entry['loss']:.3f} answers "
-                         f"{entry['answer accuracy']:.3f} lr {lr:.2e} {entry['seconds']:.0f}s")
+                progress(
+                    f"step {steps} S={length} loss {entry['loss']:.3f} answers "
+                    f"{entry['answer accuracy']:.3f} lr {lr:.2e} {entry['seconds']:.0f}s"
+                )
     train_s = time.perf_counter() - start
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -195,8 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     summary = []
     for length in args.eval_lengths:
         mine = [r for r in rows if r["S"] == length]
-        summary.append({"S": length, "depth": "all", "samples": sum(r["samples"] for r in mine),
-                        "accuracy": float(np.mean([r["accuracy"] for r in mine]))})  # fmt: skip
+        summary.append(
+            {
+                "S": length,
+                "depth": "all",
+                "samples": sum(r["samples"] for r in mine),
+                "accuracy": float(np.mean([r["accuracy"] for r in mine])),
+            }
+        )
     notes = [
         f"Model: LlamaForCausalLM {params / 1e6:.1f}M parameters: {config.num_hidden_layers} "
         f"layers, hidden {config.hidden_size}, Hq {config.num_attention_heads}, Hkv "
@@ -213,12 +248,15 @@ def main(argv: list[str] | None = None) -> None:
         "Eval: single-needle prompts from bench.retrieval.niah_prompt (seeds 10000+), dense "
         "SDPA, greedy next token must equal the value.",
     ]
-    tables = [("Dense retrieval accuracy by length", EVAL_COLUMNS, summary),
-              ("By length and depth", EVAL_COLUMNS, rows),
-              ("Training log", LOG_COLUMNS, log)]  # fmt: skip
+    tables = [
+        ("Dense retrieval accuracy by length", EVAL_COLUMNS, summary),
+        ("By length and depth", EVAL_COLUMNS, rows),
+        ("Training log", LOG_COLUMNS, log),
+    ]
     out_dir = RESULTS / "cpu" if args.cpu_smoke else RESULTS
-    path = write_results(args.name, "Retrieval model: training and dense accuracy", tables,
-                         notes, out_dir)  # fmt: skip
+    path = write_results(
+        args.name, "Retrieval model: training and dense accuracy", tables, notes, out_dir
+    )
     print(open(path).read())
 
 

@@ -25,8 +25,16 @@ from flexsample import SampleConfig, sample_block_mask
 from flexsample.compile import report, reset_report
 from flexsample.metrics import density
 
-COLUMNS = ["S", "mode", "density", "compile s", "prefill s", "x vs eager SDPA",
-           "rewritten", "paths"]  # fmt: skip
+COLUMNS = [
+    "S",
+    "mode",
+    "density",
+    "compile s",
+    "prefill s",
+    "x vs eager SDPA",
+    "rewritten",
+    "paths",
+]
 FIXED = {f"flexsample ~{round(100 * d)}%": fixed_density(d, SampleConfig()) for d in (0.1, 0.2)}
 
 
@@ -34,10 +42,16 @@ def llama3_8b(layers: int, max_len: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-        max_position_embeddings=max_len, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(

@@ -157,8 +157,12 @@ def attention_with_mask(
     """
     if q.device.type != "cuda":
         return cpu_block_sparse_attention(q, k, v, block_mask, scale=scale)
-    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": enable_gqa,
-              "kernel_options": kernel_options}  # fmt: skip
+    kwargs = {
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": enable_gqa,
+        "kernel_options": kernel_options,
+    }
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     backend = (kernel_options or {}).get("BACKEND", "TRITON")
@@ -169,8 +173,10 @@ def attention_with_mask(
 def _compiled_flex(backend: str):
     # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
     # compiled function per backend: recompiling one function between the Triton and FLASH
-    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100).
-    return torch.compile(flex_attention)
+    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). FLASH cannot
+    # take symbolic lengths (torch 2.11: "NYI: mask_mod captures a dynamic scalar" at the
+    # second length), so it compiles per length.
+    return torch.compile(flex_attention, dynamic=False if backend == "FLASH" else None)
 
 
 def cpu_block_sparse_attention(
@@ -249,6 +255,11 @@ def sparse_attention(
     q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D(v)]` -> `[B, Hq, S, Dv]`."""
     block_mask = sample_block_mask(q, k, config, scale=scale)
     return attention_with_mask(
-        q, k, v, block_mask, scale=resolve_scale(q, scale), enable_gqa=q.shape[1] != k.shape[1],
+        q,
+        k,
+        v,
+        block_mask,
+        scale=resolve_scale(q, scale),
+        enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=kernel_options(q, config, k=k, v=v, block_mask=block_mask),
-    )  # fmt: skip
+    )

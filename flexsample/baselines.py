@@ -144,9 +144,7 @@ def oracle_blocks(
     seq_len = q.shape[2]
     num_q, num_kv = _blocks(seq_len, config)
     mass = block_mass(q, k, config, scale) if mass is None else mass
-    offset = torch.arange(num_q, device=q.device)[:, None] - torch.arange(
-        num_kv, device=q.device
-    )
+    offset = torch.arange(num_q, device=q.device)[:, None] - torch.arange(num_kv, device=q.device)
     diagonal = (offset == 0).expand_as(mass)
     candidate = offset > 0
     # Blocks below the diagonal are whole: rows(qb) x kv_block causal pairs each.

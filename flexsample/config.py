@@ -30,6 +30,10 @@ class SampleConfig:
     sample_block: rows per contiguous sampled tile; 1 gives evenly strided rows.
     q_block, kv_block: block sizes of the mask (FlexAttention's BLOCK_SIZE).
     min_seq_len: sequences shorter than this run dense SDPA (sparsity does not pay there).
+        16384: the default config's total (mask build + attention) against cuDNN on the H100
+        was 0.52x / 0.56x at 8K, 0.92x / 1.07x at 12K and 1.61x / 2.05x at 16K (Triton /
+        FLASH backend; bench/results/attention_short.md), so 16K is the first measured length
+        that pays on both backends.
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
     score_backend: "auto" (Triton on CUDA where Triton is installed, PyTorch elsewhere),
@@ -48,7 +52,7 @@ class SampleConfig:
     sample_block: int = 16
     q_block: int = 128
     kv_block: int = 128
-    min_seq_len: int = 8192
+    min_seq_len: int = 16384
     max_stripe_ratio: float | None = None
     score_backend: str = "auto"
     flex_backend: str = "auto"

@@ -62,9 +62,14 @@ def sample_attention_op(
     site_paths[site][record(reason, tuple(q.shape))] += 1
     if reason is not None:
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=scale,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            scale=scale,
             enable_gqa=enable_gqa,
-        )  # fmt: skip
+        )
     else:
         # transformers hands over transposed views ([B, S, H, D] memory); the score kernel
         # and flex run ~1.5x slower on them at 128K (bench/op_path.py) than the copy costs.

@@ -46,8 +46,9 @@ MIXED = ["sliding_attention", "full_attention"]  # one windowed and one global l
 FAMILY_SMALL = dict(
     SMALL, head_dim=16, initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2
 )
-ENCODER_SMALL = {k: v for k, v in FAMILY_SMALL.items() if k not in ("num_key_value_heads",
-                                                                     "head_dim")}  # fmt: skip
+ENCODER_SMALL = {
+    k: v for k, v in FAMILY_SMALL.items() if k not in ("num_key_value_heads", "head_dim")
+}
 
 # Qwen2/Qwen3: layers from `max_window_layers` on are windowed when use_sliding_window.
 QWEN_WINDOW = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
@@ -60,26 +61,52 @@ FAMILIES = {
     "mistral": (MistralConfig, dict(sliding_window=WINDOW)),
     "phi3": (Phi3Config, dict(sliding_window=WINDOW)),
     # Small caps, so that they bite on random weights.
-    "gemma2": (Gemma2Config, dict(
-        query_pre_attn_scalar=16, sliding_window=WINDOW, layer_types=MIXED,
-        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
-    )),
-    "gemma3": (Gemma3TextConfig, dict(query_pre_attn_scalar=16, sliding_window=WINDOW,
-                                      layer_types=MIXED)),
+    "gemma2": (
+        Gemma2Config,
+        dict(
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            layer_types=MIXED,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        dict(query_pre_attn_scalar=16, sliding_window=WINDOW, layer_types=MIXED),
+    ),
     "cohere2": (Cohere2Config, dict(sliding_window=WINDOW, layer_types=MIXED)),
     # Sinks: drawn from N(0, 1) by `tiny_family`. YaRN factor consistent with the lengths.
-    "gpt_oss": (GptOssConfig, dict(
-        sliding_window=WINDOW, layer_types=MIXED, num_local_experts=4, num_experts_per_tok=2,
-        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
-                             beta_slow=1.0, truncate=False, original_max_position_embeddings=4096),
-    )),
+    "gpt_oss": (
+        GptOssConfig,
+        dict(
+            sliding_window=WINDOW,
+            layer_types=MIXED,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=4096,
+            ),
+        ),
+    ),
     "bert": (BertConfig, {}),
     # ModernBERT: bidirectional; its local layers see +-local_attention/2 tokens.
-    "modernbert": (ModernBertConfig, dict(
-        local_attention=WINDOW, layer_types=["full_attention", "sliding_attention"],
-        cls_token_id=1, sep_token_id=2,
-    )),
-}  # fmt: skip
+    "modernbert": (
+        ModernBertConfig,
+        dict(
+            local_attention=WINDOW,
+            layer_types=["full_attention", "sliding_attention"],
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+    ),
+}
 ENCODERS = {"bert", "modernbert"}
 
 

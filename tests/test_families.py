@@ -101,9 +101,12 @@ def test_greedy_generate_equals_eager(family):
     for name in ("eager", "flexsample"):
         with torch.no_grad():
             runs[name] = tiny_family(family, name).generate(
-                ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                ids,
+                max_new_tokens=6,
+                do_sample=False,
+                return_dict_in_generate=True,
                 output_logits=True,
-            )  # fmt: skip
+            )
     got, expected = runs["flexsample"], runs["eager"]
     diff = _max_diff(torch.stack(got.logits), torch.stack(expected.logits))
     assert diff <= TOL, f"{family}: max |flexsample - eager| over the steps = {diff:.3g}"

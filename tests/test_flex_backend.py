@@ -62,8 +62,12 @@ def test_auto_picks_flash_where_it_can_run(hopper):
     [
         ({"probe": (8, 0, "")}, {}, {}, "compute capability 9.x"),
         ({"probe": (12, 0, "")}, {}, {}, "got 12.0"),
-        ({"probe": (9, 0, "ModuleNotFoundError: No module named 'flash_attn'")}, {}, {},
-         "No module named 'flash_attn'.*fa4"),
+        (
+            {"probe": (9, 0, "ModuleNotFoundError: No module named 'flash_attn'")},
+            {},
+            {},
+            "No module named 'flash_attn'.*fa4",
+        ),
         ({"probe": (10, 0, "")}, {}, {}, "multiple of 256"),
         ({"torch": (2, 9)}, {}, {}, ">= 2.10"),
         ({}, {"dtype": torch.float32}, {}, "float16 or bfloat16"),
@@ -73,7 +77,7 @@ def test_auto_picks_flash_where_it_can_run(hopper):
         ({}, {}, {"q_block": 64, "kv_block": 64}, r"\(128, 128\), got \(64, 64\)"),
         ({}, {}, {"q_block": 256}, r"got \(256, 128\)"),
     ],
-)  # fmt: skip
+)
 def test_unsuitable_inputs_get_triton_and_forced_flash_names_why(
     hopper, monkeypatch, change, fake_kwargs, config_kwargs, message
 ):
@@ -154,8 +158,14 @@ def test_triton_tiles_divide_small_mask_blocks(hopper, blocks, expected):
         assert options is None
     else:
         m, n = expected
-        assert options == {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n,
-                           "BLOCK_M2": m, "BLOCK_N2": n}  # fmt: skip
+        assert options == {
+            "BLOCK_M": m,
+            "BLOCK_N": n,
+            "BLOCK_M1": m,
+            "BLOCK_N1": n,
+            "BLOCK_M2": m,
+            "BLOCK_N2": n,
+        }
 
 
 def test_cpu_tensors_get_no_options_and_no_probe(monkeypatch):
@@ -286,9 +296,13 @@ def _noop_sparse_mask(batch, heads, seq_len, block=128, seed=0):
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     count = keep.sum(-1, dtype=torch.int32)
     mask = BlockMask.from_kv_blocks(
-        torch.zeros_like(count), order, count, order,
-        BLOCK_SIZE=(block, block), seq_lengths=(seq_len, seq_len),
-    )  # fmt: skip
+        torch.zeros_like(count),
+        order,
+        count,
+        order,
+        BLOCK_SIZE=(block, block),
+        seq_lengths=(seq_len, seq_len),
+    )
     tokens = keep.repeat_interleave(block, -2).repeat_interleave(block, -1)
     return mask, tokens
 

@@ -87,8 +87,9 @@ def test_training_examples_put_some_needles_right_before_their_question(tokenize
         ids, labels = training_example(rng, vocab, 2048, needles=4)
         first = np.nonzero(labels != -100)[0][0] - 1  # "what" starts the first question
         key = ids[first + 6]  # "what is the pass key of <key>"
-        needle_key = tokenizer.convert_tokens_to_ids(labelled(tokenizer.convert_ids_to_tokens(
-            int(key))))  # fmt: skip
+        needle_key = tokenizer.convert_tokens_to_ids(
+            labelled(tokenizer.convert_ids_to_tokens(int(key)))
+        )
         where = [i for i in range(first) if ids[i] == needle_key]
         assert len(where) == 1
         near += first - where[0] <= 2 * (SENTENCE_WORDS[1] + 1) + 2
@@ -98,8 +99,7 @@ def test_training_examples_put_some_needles_right_before_their_question(tokenize
 @pytest.mark.slow
 def test_train_retrieval_saves_a_checkpoint_that_from_pretrained_loads(tmp_path):
     out = tmp_path / "ckpt"
-    train_retrieval.main(["--cpu-smoke", "--minutes", "0.05", "--samples", "1",
-                          "--out", str(out)])  # fmt: skip
+    train_retrieval.main(["--cpu-smoke", "--minutes", "0.05", "--samples", "1", "--out", str(out)])
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert model.config.model_type == "llama"
@@ -115,9 +115,26 @@ def test_niah_runs_every_method_end_to_end(tmp_path, tokenizer):
     config = train_retrieval.model_config(len(tokenizer), 1024, tiny=True)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
-    niah.main(["--model", str(ckpt), "--lengths", "192", "320", "--depths", "0", "1",
-               "--samples", "1", "--min-seq-len", "256", "--max-new-tokens", "2",
-               "--out-dir", str(tmp_path)])  # fmt: skip
+    niah.main(
+        [
+            "--model",
+            str(ckpt),
+            "--lengths",
+            "192",
+            "320",
+            "--depths",
+            "0",
+            "1",
+            "--samples",
+            "1",
+            "--min-seq-len",
+            "256",
+            "--max-new-tokens",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "niah.json").read_text())
     cells = data["tables"][1]["rows"]
     assert len(cells) == 4 * 2 * 2

@@ -12,8 +12,14 @@ from flexsample.metrics import block_density, block_mass, true_cra
 
 #: Small packages every environment with torch and the test extras has (sympy: eval).
 PACKAGES = ("sympy", "click", "pygments", "networkx", "iniconfig")
-SMALL = CorpusConfig(doc_bytes=20_000, train_bytes=2_000_000, eval_bytes=200_000,
-                     package_bytes=300_000, min_eval_bytes=100_000, only=PACKAGES)  # fmt: skip
+SMALL = CorpusConfig(
+    doc_bytes=20_000,
+    train_bytes=2_000_000,
+    eval_bytes=200_000,
+    package_bytes=300_000,
+    min_eval_bytes=100_000,
+    only=PACKAGES,
+)
 
 
 def _installed(config: CorpusConfig) -> CorpusConfig:
@@ -101,8 +107,19 @@ def checkpoint(tmp_path_factory):
 
     config = _installed(SMALL)
     tmp = tmp_path_factory.mktemp("realtext")
-    out = train_realtext.main(["--tiny", "--minutes", "0.03", "--out", str(tmp / "ckpt"),
-                               "--results-dir", str(tmp), "--packages", *config.only])  # fmt: skip
+    out = train_realtext.main(
+        [
+            "--tiny",
+            "--minutes",
+            "0.03",
+            "--out",
+            str(tmp / "ckpt"),
+            "--results-dir",
+            str(tmp),
+            "--packages",
+            *config.only,
+        ]
+    )
     return out, tmp
 
 
@@ -138,8 +155,9 @@ def test_losses_match_the_model_loss_and_the_nearest_context(checkpoint):
         want = model(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(nll.mean(), want)
     # With all the context there is, the nearest-context losses are the full-context ones.
-    torch.testing.assert_close(nearest_losses(model, ids, 32, 64, 32), nll[-32:],
-                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        nearest_losses(model, ids, 32, 64, 32), nll[-32:], atol=1e-4, rtol=1e-4
+    )
     short = nearest_losses(model, ids, 32, 16, 8)
     assert short.shape == (32,) and not torch.allclose(short, nll[-32:])
 
@@ -149,12 +167,37 @@ def test_evaluation_runs_every_method_on_a_tiny_model(checkpoint):
 
     out, tmp = checkpoint
     qkv = tmp / "qkv.pt"
-    path = realtext.main([
-        "--model", str(out), "--length", "256", "--last", "64", "--near", "64",
-        "--near-chunk", "64", "--docs", "2", "--min-seq-len", "128", "--block", "32",
-        "--alphas", "0.8", "--oracle-densities", "0.3", "--no-compile", "--capture-rows", "64",
-        "--out-dir", str(tmp), "--qkv-out", str(qkv),
-    ])  # fmt: skip
+    path = realtext.main(
+        [
+            "--model",
+            str(out),
+            "--length",
+            "256",
+            "--last",
+            "64",
+            "--near",
+            "64",
+            "--near-chunk",
+            "64",
+            "--docs",
+            "2",
+            "--min-seq-len",
+            "128",
+            "--block",
+            "32",
+            "--alphas",
+            "0.8",
+            "--oracle-densities",
+            "0.3",
+            "--no-compile",
+            "--capture-rows",
+            "64",
+            "--out-dir",
+            str(tmp),
+            "--qkv-out",
+            str(qkv),
+        ]
+    )
     data = json.loads(path.with_suffix(".json").read_text())
     rows = {row["method"]: row for row in data["tables"][0]["rows"]}
     assert rows["dense"]["ratio"] == 1.0 and rows["dense"]["docs"] == 2
@@ -203,13 +246,20 @@ def _brute_oracle(q, k, target, config):
     keep = torch.zeros(*q.shape[:2], num, num, dtype=torch.bool)
     total = seq_len * (seq_len + 1) / 2
     for h in range(q.shape[1]):
-        mass = {(i, j): probs[0, h, i * block : (i + 1) * block, j * block : (j + 1) * block]
-                .sum().item() for i in range(num) for j in range(i)}  # fmt: skip
+        mass = {
+            (i, j): probs[0, h, i * block : (i + 1) * block, j * block : (j + 1) * block]
+            .sum()
+            .item()
+            for i in range(num)
+            for j in range(i)
+        }
         pairs = causal.float()
         for i in range(num):
             keep[0, h, i, i] = True
-        kept = sum(pairs[i * block : (i + 1) * block, i * block : (i + 1) * block].sum().item()
-                   for i in range(num))  # fmt: skip
+        kept = sum(
+            pairs[i * block : (i + 1) * block, i * block : (i + 1) * block].sum().item()
+            for i in range(num)
+        )
         for i, j in sorted(mass, key=lambda ij: (-mass[ij], ij[0] * num + ij[1])):
             if kept / total >= target[0, h].item():
                 break

@@ -82,3 +82,21 @@ def test_compiles_fullgraph_with_inductor():
         got = torch.compile(model, fullgraph=True)(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert flexsample.path_counts == {"sparse": 2}  # also where traced transformers passes a mask
+
+
+@pytest.mark.parametrize("door", ["attn_implementation", "compile"])
+def test_training_step_gradients_equal_eager(door):
+    """Inputs that require grad take a path with autograd (the model's own attention)."""
+    register(SPARSE)
+    ids = _ids(length=96)
+    grads = {}
+    for name in ("eager", door):
+        impl = {"eager": "eager", "attn_implementation": "flexsample", "compile": "sdpa"}[name]
+        model = tiny_model("llama", attn_implementation=impl).train()
+        if name == "compile":
+            torch._dynamo.reset()
+            model = torch.compile(model, backend=flexsample.backend(SPARSE))
+        model(ids, labels=ids).loss.backward()
+        grads[name] = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
+    for param, expected in grads["eager"].items():
+        torch.testing.assert_close(grads[door][param], expected, atol=1e-5, rtol=1e-4)

@@ -39,8 +39,13 @@ _SDPA_PARAMS = (
     "scale",
     "enable_gqa",
 )
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                  "enable_gqa": False}  # fmt: skip
+_SDPA_DEFAULTS = {
+    "attn_mask": None,
+    "dropout_p": 0.0,
+    "is_causal": False,
+    "scale": None,
+    "enable_gqa": False,
+}
 
 
 @dataclasses.dataclass
@@ -183,9 +188,17 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, config: SampleConfig) -> int:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.flexsample.sample_attention.default,
-                (args["query"], args["key"], args["value"], args["attn_mask"], args["scale"],
-                 args["enable_gqa"], config_str, site),
-            )  # fmt: skip
+                (
+                    args["query"],
+                    args["key"],
+                    args["value"],
+                    args["attn_mask"],
+                    args["scale"],
+                    args["enable_gqa"],
+                    config_str,
+                    site,
+                ),
+            )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

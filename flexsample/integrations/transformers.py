@@ -32,14 +32,34 @@ NAME = "flexsample"
 #: Keyword arguments that do not change attention's math for unpacked inputs (position ids
 #: were used by RoPE before this call; the rest is bookkeeping of the caller).
 _IGNORED_KWARGS = frozenset(
-    {"position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
-     "layer_idx", "return_dict", "output_hidden_states", "token_type_ids"}
-)  # fmt: skip
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "past_key_values",
+        "past_key_value",
+        "layer_idx",
+        "return_dict",
+        "output_hidden_states",
+        "token_type_ids",
+    }
+)
 #: Features that change the math when given: attention runs the model's own path then.
 _FEATURE_KWARGS = frozenset(
-    {"softcap", "s_aux", "sinks", "position_bias", "alibi_slopes", "head_mask",
-     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "target_dtype"}
-)  # fmt: skip
+    {
+        "softcap",
+        "s_aux",
+        "sinks",
+        "position_bias",
+        "alibi_slopes",
+        "head_mask",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "target_dtype",
+    }
+)
 #: Of those, what transformers' SDPA function drops or refuses (soft-capping: 5.17 ignores
 #: it, 5.24 raises), so only the model's eager function computes it.
 _EAGER_ONLY_KWARGS = frozenset({"softcap", "s_aux", "sinks", "alibi_slopes", "head_mask"})
@@ -117,9 +137,16 @@ def make_attention_forward(config: SampleConfig | None = None):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if fallback_reason(module, query, key, value, dropout, is_causal, kwargs) is not None:
             return model_attention(
-                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                is_causal=is_causal, **kwargs,
-            )  # fmt: skip
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
         # Through the op, so that the sparse-or-dense decision is taken at run time under
         # torch.compile too, on the real mask.
         out = torch.ops.flexsample.sample_attention(
@@ -163,11 +190,17 @@ def _eager_function(module_type: type):
 def _refuses_sdpa(module_type: type) -> bool:
     """Whether a model of the module's modeling file declares no SDPA support."""
     modeling = sys.modules.get(module_type.__module__)
-    models = [
-        obj
-        for obj in vars(modeling).values()
-        if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj is not PreTrainedModel
-    ] if modeling is not None else []  # fmt: skip
+    models = (
+        [
+            obj
+            for obj in vars(modeling).values()
+            if isinstance(obj, type)
+            and issubclass(obj, PreTrainedModel)
+            and obj is not PreTrainedModel
+        ]
+        if modeling is not None
+        else []
+    )
     return not all(getattr(model, "_supports_sdpa", False) for model in models)
 
 

@@ -18,9 +18,19 @@ import triton.language as tl
 
 @triton.jit
 def _block_lists_kernel(
-    STRIPES, LO, HI, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, num_q, num_kv,
-    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    STRIPES,
+    LO,
+    HI,
+    KV_NUM,
+    KV_IDX,
+    FULL_NUM,
+    FULL_IDX,
+    num_q,
+    num_kv,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     lo = tl.load(LO + qb)
@@ -59,9 +69,17 @@ def triton_block_lists(
     kv_num, full_num = torch.empty(shape, **opts), torch.empty(shape, **opts)
     kv_idx, full_idx = torch.empty(*shape, num_kv, **opts), torch.empty(*shape, num_kv, **opts)
     _block_lists_kernel[(num_q, batch * heads)](
-        stripes.contiguous().view(torch.uint8), lo.to(torch.int32), hi.to(torch.int32),
-        kv_num, kv_idx, full_num, full_idx, num_q, num_kv,
-        Q_BLOCK=q_block, KV_BLOCK=kv_block,
+        stripes.contiguous().view(torch.uint8),
+        lo.to(torch.int32),
+        hi.to(torch.int32),
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        num_q,
+        num_kv,
+        Q_BLOCK=q_block,
+        KV_BLOCK=kv_block,
         BLOCK=min(1024, max(16, triton.next_power_of_2(num_kv))),
-    )  # fmt: skip
+    )
     return kv_num, kv_idx, full_num, full_idx

@@ -18,9 +18,19 @@ _BLOCK_R, _BLOCK_C = 32, 256
 
 @triton.jit
 def _mismatch_kernel(
-    M, BAD, stride_b, stride_h, stride_r, stride_c, heads, seq_len, lowest,
-    IS_BOOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    M,
+    BAD,
+    stride_b,
+    stride_h,
+    stride_r,
+    stride_c,
+    heads,
+    seq_len,
+    lowest,
+    IS_BOOL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     band = tl.program_id(0)
     b = tl.program_id(1) // heads
     h = tl.program_id(1) % heads
@@ -57,7 +67,18 @@ def triton_is_causal(mask: torch.Tensor) -> bool:
     bands = triton.cdiv(seq_len, _BLOCK_R)
     bad = torch.empty(batch * heads * bands, dtype=torch.int32, device=mask.device)
     _mismatch_kernel[(bands, batch * heads)](
-        full, bad, stride_b, stride_h, stride_r, stride_c, heads, seq_len, lowest,
-        IS_BOOL=mask.dtype == torch.bool, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=8,
-    )  # fmt: skip
+        full,
+        bad,
+        stride_b,
+        stride_h,
+        stride_r,
+        stride_c,
+        heads,
+        seq_len,
+        lowest,
+        IS_BOOL=mask.dtype == torch.bool,
+        BLOCK_R=_BLOCK_R,
+        BLOCK_C=_BLOCK_C,
+        num_warps=8,
+    )
     return not bool(bad.any())

@@ -58,8 +58,18 @@ def _program(num_tiles, kv_heads):
 
 
 @triton.jit
-def _tile_rows(ROWS, tile, b, kvh, kv_heads, num_tiles, GROUP: tl.constexpr,
-               G_PAD: tl.constexpr, SB: tl.constexpr, SB_PAD: tl.constexpr):  # fmt: skip
+def _tile_rows(
+    ROWS,
+    tile,
+    b,
+    kvh,
+    kv_heads,
+    num_tiles,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    SB: tl.constexpr,
+    SB_PAD: tl.constexpr,
+):
     """The tile's rows for each head of the group: (slot in tile, row or -1, valid, head,
     head exists (G_PAD pads the group), (batch, head, tile) index of the scratch rows)."""
     offs_m = tl.arange(0, G_PAD * SB_PAD)
@@ -81,14 +91,37 @@ def _split_blocks(row, split, chunk, KV_BLOCK: tl.constexpr):
 
 @triton.jit
 def _block_lse_kernel(
-    Q, K, ROWS, BLOCK_LSE, PART_M, PART_L,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    seq_len, kv_heads, num_tiles, num_kv_blocks, num_splits, chunk, scale_log2e,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, SB: tl.constexpr, SB_PAD: tl.constexpr,
-    KV_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    ROWS,
+    BLOCK_LSE,
+    PART_M,
+    PART_L,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    seq_len,
+    kv_heads,
+    num_tiles,
+    num_kv_blocks,
+    num_splits,
+    chunk,
+    scale_log2e,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    SB: tl.constexpr,
+    SB_PAD: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     tile, b, kvh, split = _program(num_tiles, kv_heads)
     r, row, valid, head, head_ok, row_id = _tile_rows(
         ROWS, tile, b, kvh, kv_heads, num_tiles, GROUP, G_PAD, SB, SB_PAD
@@ -96,10 +129,14 @@ def _block_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     q = tl.load(
-        Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qs
+        Q
+        + b * stride_qb
+        + head[:, None] * stride_qh
+        + row[:, None] * stride_qs
         + offs_d[None, :] * stride_qd,
-        mask=valid[:, None] & d_ok, other=0.0,
-    )  # fmt: skip
+        mask=valid[:, None] & d_ok,
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -113,8 +150,9 @@ def _block_lse_kernel(
         offs_n = kb * KV_BLOCK + tl.arange(0, KV_BLOCK)
         k = tl.load(
             k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-            mask=(offs_n[:, None] < seq_len) & d_ok, other=0.0,
-        )  # fmt: skip
+            mask=(offs_n[:, None] < seq_len) & d_ok,
+            other=0.0,
+        )
         if UPCAST:
             k = k.to(tl.float32)
         # fp32 cast: under inductor a float argument arrives as fp64 and would promote s.
@@ -136,11 +174,26 @@ def _block_lse_kernel(
 
 @triton.jit
 def _block_mass_kernel(
-    ROWS, WIN_LO, WIN_HI, BLOCK_LSE, PART_M, PART_L, SCORES, COVERED,
-    kv_heads, num_tiles, num_kv_blocks, num_splits, chunk,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, SB: tl.constexpr, SB_PAD: tl.constexpr,
-    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
-):  # fmt: skip
+    ROWS,
+    WIN_LO,
+    WIN_HI,
+    BLOCK_LSE,
+    PART_M,
+    PART_L,
+    SCORES,
+    COVERED,
+    kv_heads,
+    num_tiles,
+    num_kv_blocks,
+    num_splits,
+    chunk,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    SB: tl.constexpr,
+    SB_PAD: tl.constexpr,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+):
     tile, b, kvh, split = _program(num_tiles, kv_heads)
     r, row, valid, _, head_ok, row_id = _tile_rows(
         ROWS, tile, b, kvh, kv_heads, num_tiles, GROUP, G_PAD, SB, SB_PAD
@@ -211,19 +264,54 @@ def sample_block_scores(
     part_l = torch.empty_like(part_m)
     upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     grid = (num_tiles * batch * kv_heads, num_splits)
-    tile_args = dict(GROUP=group, G_PAD=triton.next_power_of_2(group), SB=sample_block,
-                     SB_PAD=sb_pad, KV_BLOCK=kv_block)  # fmt: skip
+    tile_args = dict(
+        GROUP=group,
+        G_PAD=triton.next_power_of_2(group),
+        SB=sample_block,
+        SB_PAD=sb_pad,
+        KV_BLOCK=kv_block,
+    )
     wrap_triton(_block_lse_kernel)[grid](
-        q, k, rows, block_lse, part_m, part_l, *q.stride(), *k.stride(),
-        seq_len, kv_heads, num_tiles, num_kv_blocks, num_splits, chunk,
-        scale * math.log2(math.e), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", **tile_args,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+        q,
+        k,
+        rows,
+        block_lse,
+        part_m,
+        part_l,
+        *q.stride(),
+        *k.stride(),
+        seq_len,
+        kv_heads,
+        num_tiles,
+        num_kv_blocks,
+        num_splits,
+        chunk,
+        scale * math.log2(math.e),
+        HEAD_DIM=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        UPCAST=upcast,
+        PRECISION="ieee" if upcast else "tf32",
+        **tile_args,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     wrap_triton(_block_mass_kernel)[grid](
-        rows, win_lo, win_hi, block_lse, part_m, part_l, partial, covered,
-        kv_heads, num_tiles, num_kv_blocks, num_splits, chunk, Q_BLOCK=q_block, **tile_args,
-    )  # fmt: skip
+        rows,
+        win_lo,
+        win_hi,
+        block_lse,
+        part_m,
+        part_l,
+        partial,
+        covered,
+        kv_heads,
+        num_tiles,
+        num_kv_blocks,
+        num_splits,
+        chunk,
+        Q_BLOCK=q_block,
+        **tile_args,
+    )
     n_rows = (rows >= 0).sum()
     return partial.sum(2) / n_rows, covered.sum((2, 3)) / n_rows
 
@@ -241,6 +329,15 @@ def triton_block_scores(
     """`scores.block_scores` through the Triton kernel (same result); launch knobs for sweeps."""
     config = layout.config
     return sample_block_scores(
-        q, k, layout.rows, layout.win_lo.to(torch.int32), layout.win_hi.to(torch.int32), scale,
-        config.q_block, config.kv_block, split_blocks, num_warps, num_stages,
-    )  # fmt: skip
+        q,
+        k,
+        layout.rows,
+        layout.win_lo.to(torch.int32),
+        layout.win_hi.to(torch.int32),
+        scale,
+        config.q_block,
+        config.kv_block,
+        split_blocks,
+        num_warps,
+        num_stages,
+    )
