@@ -13,6 +13,8 @@ Methods (each a per-layer attention function of the same weights):
   attn_implementation="flexsample"; `flexsample compile`: `torch.compile(model,
   backend=flexsample.backend(config))` (default on CUDA; `--compile/--no-compile`);
 - `flexsample a=<alpha>`: the alpha sweep (`--alphas`);
+- `flexsample tile_alpha=<t>`: the default alpha plus the CRA rule over sampled tiles
+  (`--tile-alphas`, `SampleConfig.tile_alpha`);
 - at flexsample's per-head density on the same q/k: window + sink, vertical-slash, the
   column oracle and the block oracle (`flexsample.baselines`); the block oracle also at
   fixed densities (`--oracle-densities`).
@@ -212,6 +214,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--near", type=int, default=4096, help="nearest-context baseline")
     parser.add_argument("--near-chunk", type=int, default=512)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98, 0.99])
+    parser.add_argument(
+        "--tile-alphas",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.8, 0.9],
+        help="SampleConfig.tile_alpha values to run at the default alpha (the CRA rule over tiles)",
+    )
     parser.add_argument("--oracle-densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument(
         "--compile",
@@ -421,6 +430,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         cfg = dataclasses.replace(config, alpha=alpha)
         log = DensityLog()
         run(f"flexsample a={alpha}", model, attn_fn=recording_flexsample(cfg, log), log=log)
+    for tile_alpha in args.tile_alphas:
+        cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
+        log = DensityLog()
+        name = f"flexsample tile_alpha={tile_alpha}"
+        run(name, model, attn_fn=recording_flexsample(cfg, log), log=log)
     default_row = f"flexsample a={default_alpha}"
     door = load(model_dir, "flexsample", device, dtype)
     run("flexsample attn", door, density_of=default_row)
@@ -514,6 +528,9 @@ def layer_study(model, ids: torch.Tensor, config: SampleConfig, args, model_dir)
             "oracle columns": oracle_columns(q, k, target, config, mass=column_mass(q, k, config)),
             "oracle blocks": oracle_blocks(q, k, target, config),
         }
+        for tile_alpha in args.tile_alphas:
+            cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
+            keeps[f"flexsample tile_alpha={tile_alpha}"] = kept_blocks(sample_block_mask(q, k, cfg))
         for method, keep in keeps.items():
             per_head = block_density(keep, seq_len, seq_len, config.q_block, config.kv_block)
             out.append(

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             launch = {"split_blocks": split, "num_warps": warps, "num_stages": stages}
             try:
                 ms = time_ms(
-                    lambda x=x, launch=launch, layout=layout: sampling.triton_block_scores(
+                    lambda x=x, launch=launch, layout=layout: sampling.triton_tile_scores(
                         x.q, x.k, layout, 128**-0.5, **launch
                     )
                 )

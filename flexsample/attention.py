@@ -19,7 +19,7 @@ from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
 from flexsample.layout import make_layout
 from flexsample.paths import SPARSE_DTYPES, dense_reason, record
-from flexsample.scores import block_scores
+from flexsample.scores import reduce_tiles, tile_rows, tile_scores
 from flexsample.selection import select_stripes
 
 _MAX_HEAD_DIM = 256
@@ -134,8 +134,9 @@ def sample_block_mask(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
         layout = make_layout(config, q.shape[2], q.device)
-        scores, covered = block_scores(q, k, layout, resolve_scale(q, scale))
-        stripes = select_stripes(scores, covered, config)
+        tiles = tile_scores(q, k, layout, resolve_scale(q, scale))
+        scores, covered = reduce_tiles(*tiles, layout)
+        stripes = select_stripes(scores, covered, config, (*tiles, tile_rows(layout)))
         return build_block_mask(stripes, layout, compute_q_blocks=needs_grad)
 
 

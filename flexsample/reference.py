@@ -19,23 +19,33 @@ def expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_q_heads // x.shape[1], dim=1)
 
 
-def reference_block_scores(
+def reference_tile_scores(
     q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1 on the sampled rows, exactly.
+    """Stage 1 on the sampled rows, exactly, summed over each tile's rows.
 
-    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), in
-    float32, both divided by the number of sampled rows, so `covered + scores.sum(-1) == 1`.
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> (scores `[B, Hq, tiles, nKV]`: each row's softmax
+    mass in each KV block outside the row's window; covered `[B, Hq, tiles]`: the mass inside
+    it), float32 sums over the tile's real rows: a tile's covered + scores sum to its row count.
     """
+    scores, covered = _tile_sums(q, k, config, scale)
+    return scores.float(), covered.float()
+
+
+def _tile_sums(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference_tile_scores` in float64."""
     seq_len = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    rows = config.sampled_rows(seq_len, q.device).flatten()
-    rows = rows[rows >= 0].long()
+    table = config.sampled_rows(seq_len, q.device)
+    rows = table.clamp(min=0).flatten().long()
+    real = (table >= 0).flatten().double()
     k = expand_kv(k, q.shape[1]).double()
     logits = torch.einsum("bhnd,bhsd->bhns", q[:, :, rows].double(), k) * scale
     keys = torch.arange(seq_len, device=q.device)
     logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
-    probs = logits.softmax(-1)  # [B, H, n, S]
+    probs = logits.softmax(-1) * real[:, None]  # [B, H, n, S]; pad rows weigh nothing
 
     lo, hi = config.window_blocks(seq_len, q.device)
     key_block = keys // config.kv_block
@@ -43,21 +53,39 @@ def reference_block_scores(
     in_window = (key_block[None, :] >= lo[row_block][:, None]) & (
         key_block[None, :] <= hi[row_block][:, None]
     )  # [n, S]
-    covered = (probs * in_window).sum((-1, -2)) / len(rows)
-    outside = probs * ~in_window
+    per_tile = (*probs.shape[:2], *table.shape)
+    covered = (probs * in_window).sum(-1).reshape(per_tile).sum(-1)
     num_kv_blocks = math.ceil(seq_len / config.kv_block)
-    scores = torch.zeros(*probs.shape[:2], num_kv_blocks, dtype=torch.float64, device=q.device)
-    scores.index_add_(2, key_block, outside.sum(2))
-    return (scores / len(rows)).float(), covered.float()
+    scores = torch.zeros(*probs.shape[:3], num_kv_blocks, dtype=torch.float64, device=q.device)
+    scores.index_add_(3, key_block, probs * ~in_window)
+    return scores.reshape(*per_tile, num_kv_blocks).sum(3), covered
+
+
+def reference_block_scores(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 on the sampled rows, exactly: the mean over all sampled rows.
+
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), in
+    float32, both divided by the number of sampled rows, so `covered + scores.sum(-1) == 1`.
+    """
+    scores, covered = _tile_sums(q, k, config, scale)
+    n_rows = (config.sampled_rows(q.shape[2], q.device) >= 0).sum()
+    return (scores.sum(2) / n_rows).float(), (covered.sum(2) / n_rows).float()
 
 
 def reference_select(
-    scores: torch.Tensor, covered: torch.Tensor, config: SampleConfig
+    scores: torch.Tensor,
+    covered: torch.Tensor,
+    config: SampleConfig,
+    tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Stage 2, one head at a time: the stripe blocks `[B, H, nKV]` (bool).
 
     Keeps the highest-scoring blocks (ties: lower index first) until `covered + kept >= alpha`;
-    alpha = 1 keeps every block. `max_stripe_ratio` caps the count at floor(ratio * nKV).
+    alpha = 1 keeps every block. `max_stripe_ratio` caps the count at floor(ratio * nKV). With
+    `tile_alpha`, adds each sampled tile's own such prefix at `tile_alpha`, from `tiles` =
+    (per-tile mass `[B, H, tiles, nKV]`, window mass `[B, H, tiles]`, rows `[tiles]`).
     """
     batch, heads, num_blocks = scores.shape
     cap = (
@@ -66,14 +94,27 @@ def reference_select(
     stripes = torch.zeros_like(scores, dtype=torch.bool)
     for b in range(batch):
         for h in range(heads):
-            order = sorted(range(num_blocks), key=lambda j: (-scores[b, h, j].item(), j))
-            kept = covered[b, h].item()
-            for rank, j in enumerate(order):
-                if rank >= cap or (config.alpha < 1.0 and kept >= config.alpha):
-                    break
-                stripes[b, h, j] = True
-                kept += scores[b, h, j].item()
+            stripes[b, h] = _prefix(scores[b, h], covered[b, h].item(), config.alpha, cap)
+            if config.tile_alpha is None:
+                continue
+            mass, window, rows = tiles
+            for t in range(len(rows)):
+                share = mass[b, h, t] / rows[t]
+                kept = (window[b, h, t] / rows[t]).item()
+                stripes[b, h] |= _prefix(share, kept, config.tile_alpha, num_blocks)
     return stripes
+
+
+def _prefix(scores: torch.Tensor, kept: float, alpha: float, cap: int) -> torch.Tensor:
+    """One head: the blocks of the shortest descending-score prefix reaching alpha."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j].item(), j))
+    chosen = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+    for rank, j in enumerate(order):
+        if rank >= cap or (alpha < 1.0 and kept >= alpha):
+            break
+        chosen[j] = True
+        kept += scores[j].item()
+    return chosen
 
 
 def reference_block_keep(stripes: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
@@ -99,8 +140,12 @@ def reference_mask(
 ) -> torch.Tensor:
     """Steps 1-4: the token-level SampleAttention mask `[B, Hq, S, S]`."""
     scores, covered = reference_block_scores(q, k, config, scale)
-    keep = reference_block_keep(reference_select(scores, covered, config), q.shape[2], config)
-    return reference_token_mask(keep, q.shape[2], config)
+    rows = (config.sampled_rows(q.shape[2], q.device) >= 0).sum(-1).float()
+    tiles = (*reference_tile_scores(q, k, config, scale), rows)
+    stripes = reference_select(scores, covered, config, tiles)
+    return reference_token_mask(
+        reference_block_keep(stripes, q.shape[2], config), q.shape[2], config
+    )
 
 
 def masked_attention(

@@ -1,6 +1,6 @@
 """Stage 1 block scores: the chunked PyTorch path, and the choice between it and the kernel.
 
-Both paths return what `reference.reference_block_scores` defines. The PyTorch path runs two
+Both paths return what `reference.reference_tile_scores` defines. The PyTorch path runs two
 passes over keys in chunks (row log-sum-exp, then normalised block sums), so memory stays
 O(B·Hq·n·chunk + B·Hq·nKV) and never S×S.
 """
@@ -17,22 +17,45 @@ from flexsample.layout import Layout
 CHUNK_ELEMENTS = 1 << 24
 
 
-def block_scores(
+def tile_scores(
     q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block scores `[B, Hq, nKV]` and covered window mass `[B, Hq]` (float32) of the sampled rows.
+    """Stage 1 per sampled tile: the attention mass of the tile's rows summed over its rows,
+    outside the window per KV block `[B, Hq, tiles, nKV]` and inside it `[B, Hq, tiles]`
+    (float32; divided by `tile_rows(layout)` each tile's covered + scores sum to 1).
 
     q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` with Hq a multiple of Hkv (no copy of k for GQA);
     the Triton kernel where `layout.kernels`, else the PyTorch path.
     """
     if layout.kernels:
-        from flexsample.kernels.sampling import triton_block_scores
+        from flexsample.kernels.sampling import triton_tile_scores
 
-        return triton_block_scores(q, k, layout, scale)
-    return torch_block_scores(q, k, layout, scale)
+        return triton_tile_scores(q, k, layout, scale)
+    return torch_tile_scores(q, k, layout, scale)
 
 
-def torch_block_scores(
+def tile_rows(layout: Layout) -> torch.Tensor:
+    """Real sampled rows of each tile `[tiles]` (float32; tiles are never empty)."""
+    return (layout.rows >= 0).sum(-1).float()
+
+
+def block_scores(
+    q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scores `[B, Hq, nKV]` and covered window mass `[B, Hq]` (float32): the mean over
+    all sampled rows of `tile_scores` (ALGORITHM §2), so `covered + scores.sum(-1) == 1`."""
+    return reduce_tiles(*tile_scores(q, k, layout, scale), layout)
+
+
+def reduce_tiles(
+    tile_mass: torch.Tensor, tile_covered: torch.Tensor, layout: Layout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile sums `[B, H, tiles, nKV]`, `[B, H, tiles]` -> means over all sampled rows."""
+    n_rows = tile_rows(layout).sum()
+    return tile_mass.sum(-2) / n_rows, tile_covered.sum(-1) / n_rows
+
+
+def torch_tile_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     layout: Layout,
@@ -40,7 +63,7 @@ def torch_block_scores(
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch path of `block_scores`, chunked over keys (`chunk_elements` logits a step)."""
+    """The PyTorch path of `tile_scores`, chunked over keys (`chunk_elements` logits a step)."""
     config = layout.config
     batch, heads, seq_len, dim = q.shape
     kv_heads, group = k.shape[1], heads // k.shape[1]
@@ -78,7 +101,8 @@ def torch_block_scores(
     row_block = row_of // config.q_block
     row_lo, row_hi = lo[row_block], hi[row_block]
     covered = torch.zeros_like(row_max)
-    scores = torch.zeros(batch, kv_heads, group, num_kv_blocks, device=q.device)
+    tiles, sample_block = layout.rows.shape
+    scores = torch.zeros(batch, kv_heads, group, tiles, num_kv_blocks, device=q.device)
     for start in range(0, seq_len, chunk):
         logits = chunk_logits(start)
         probs = torch.exp(logits - lse[..., None]) * real[:, None]
@@ -89,9 +113,8 @@ def torch_block_scores(
             block_idx[None, :] <= row_hi[:, None]
         )
         covered += (blocks * in_window).sum(-1)
-        outside = (blocks * ~in_window).unflatten(2, (group, n)).sum(3)
+        outside = (blocks * ~in_window).unflatten(2, (group, tiles, sample_block)).sum(4)
         scores[..., block_idx] += outside
-    n_real = (table >= 0).sum()
-    scores = scores.reshape(batch, heads, num_kv_blocks) / n_real
-    covered = covered.unflatten(2, (group, n)).sum(3).reshape(batch, heads) / n_real
+    scores = scores.reshape(batch, heads, tiles, num_kv_blocks)
+    covered = covered.unflatten(2, (group, tiles, sample_block)).sum(4).reshape(batch, heads, tiles)
     return scores, covered

@@ -12,18 +12,47 @@ from flexsample.config import SampleConfig
 
 
 def select_stripes(
-    scores: torch.Tensor, covered: torch.Tensor, config: SampleConfig
+    scores: torch.Tensor,
+    covered: torch.Tensor,
+    config: SampleConfig,
+    tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Stripe blocks `[B, H, nKV]` (bool): the shortest prefix of blocks by descending score
-    (ties: lower index first) with `covered + kept >= alpha`; alpha = 1 keeps all."""
+    """Stripe blocks `[B, H, nKV]` (bool) from the mean scores `[B, H, nKV]` and covered mass
+    `[B, H]`: the shortest prefix of blocks by descending score (ties: lower index first) with
+    `covered + kept >= alpha`; alpha = 1 keeps all; `max_stripe_ratio` caps the count.
+
+    With `config.tile_alpha`, also every sampled tile's own shortest prefix reaching
+    `tile_alpha` of the tile's mass (the paper's CRA as a minimum over sampled rows, at tile
+    granularity): `tiles` = (per-tile mass `[B, H, tiles, nKV]`, window mass `[B, H, tiles]`,
+    rows per tile `[tiles]`) from `scores.tile_scores`.
+    """
+    stripes = _shortest_prefix(scores, covered, config.alpha)
+    if config.max_stripe_ratio is not None:
+        stripes &= _rank(scores) < int(config.max_stripe_ratio * scores.shape[-1])
+    if config.tile_alpha is None:
+        return stripes
+    if tiles is None:
+        raise ValueError("config.tile_alpha needs the per-tile scores (scores.tile_scores)")
+    mass, window, rows = tiles
+    per_tile = _shortest_prefix(mass / rows[:, None], window / rows, config.tile_alpha)
+    return stripes | per_tile.any(-2)
+
+
+def _shortest_prefix(scores: torch.Tensor, covered: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Blocks `[..., nKV]` of the shortest descending-score prefix with covered + kept >= alpha."""
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     # float64 running sum, covered first: the reference's exact sequence of additions, so
     # decisions at the alpha boundary match it.
     running = torch.cat([covered[..., None], sorted_scores[..., :-1]], -1).double()
-    keep_sorted = torch.cumsum(running, -1) < config.alpha  # mass kept before each block
-    if config.alpha >= 1.0:
+    keep_sorted = torch.cumsum(running, -1) < alpha  # mass kept before each block
+    if alpha >= 1.0:
         keep_sorted = torch.ones_like(keep_sorted)
-    if config.max_stripe_ratio is not None:
-        cap = int(config.max_stripe_ratio * scores.shape[-1])
-        keep_sorted &= torch.arange(scores.shape[-1], device=scores.device) < cap
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _rank(scores: torch.Tensor) -> torch.Tensor:
+    """Position of each block in the descending-score order (ties: lower index first)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)[1]
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )

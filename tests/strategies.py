@@ -19,6 +19,7 @@ def configs(draw, **fixed) -> SampleConfig:
         "q_block": draw(st.sampled_from([16, 32, 64])),
         "kv_block": draw(st.sampled_from([16, 32, 64])),
         "min_seq_len": 0,
+        "tile_alpha": draw(st.sampled_from([None, None, 0.5, 0.9])),
         "score_backend": "torch",
     }
     fields.update(fixed)

@@ -37,11 +37,42 @@ def random_scores(draw):
     return raw[..., 1:].contiguous(), raw[..., 0].contiguous()
 
 
-@given(random_scores(), configs())
+@given(random_scores(), configs(tile_alpha=None))
 def test_selection_matches_reference(scores_covered, config):
     scores, covered = scores_covered
     expected = reference_select(scores, covered, config)
     assert torch.equal(select_stripes(scores, covered, config), expected)
+
+
+@st.composite
+def random_tiles(draw, scores_covered):
+    """Per-tile sums consistent with no particular mean: (mass, window, rows)."""
+    scores, _ = scores_covered
+    tiles = draw(st.integers(1, 4))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    raw = torch.rand(*scores.shape[:2], tiles, scores.shape[-1] + 1, generator=gen) ** 6
+    rows = torch.randint(1, 17, (tiles,), generator=gen).float()
+    raw = raw / raw.sum(-1, keepdim=True) * rows[:, None]
+    return raw[..., 1:].contiguous(), raw[..., 0].contiguous(), rows
+
+
+@given(st.data(), random_scores(), st.sampled_from([0.3, 0.8, 0.95, 1.0]))
+def test_tile_rule_matches_reference_and_reaches_tile_alpha(data, scores_covered, tile_alpha):
+    scores, covered = scores_covered
+    tiles = data.draw(random_tiles(scores_covered))
+    config = SampleConfig(alpha=0.9, tile_alpha=tile_alpha)
+    stripes = select_stripes(scores, covered, config, tiles)
+    assert torch.equal(stripes, reference_select(scores, covered, config, tiles))
+    assert torch.all(stripes >= select_stripes(scores, covered, SampleConfig(alpha=0.9)))
+    mass, window, rows = tiles
+    kept = (window + (mass * stripes[:, :, None]).sum(-1)) / rows
+    assert torch.all(kept >= min(tile_alpha, 1.0) - 1e-5)
+
+
+def test_tile_rule_needs_tile_scores():
+    scores, covered = torch.rand(1, 1, 4), torch.rand(1, 1)
+    with pytest.raises(ValueError, match="tile_alpha needs the per-tile scores"):
+        select_stripes(scores, covered, SampleConfig(tile_alpha=0.9))
 
 
 @given(random_scores(), st.floats(0.0, 1.0))
@@ -53,7 +84,7 @@ def test_stripe_cap(scores_covered, cap):
     assert torch.equal(stripes, reference_select(scores, covered, config))
 
 
-@given(qkv(dtypes=(torch.float32,)), configs())
+@given(qkv(dtypes=(torch.float32,)), configs(tile_alpha=None))
 def test_block_mask_invariants(inputs, config):
     q, k, _ = inputs
     seq_len = q.shape[2]
@@ -90,7 +121,9 @@ def test_block_mask_invariants(inputs, config):
     )
 
 
-@given(qkv(dtypes=(torch.float32,)), configs(), st.floats(0.0, 0.5), st.floats(0.0, 0.5))
+@given(
+    qkv(dtypes=(torch.float32,)), configs(tile_alpha=None), st.floats(0.0, 0.5), st.floats(0.0, 0.5)
+)
 def test_larger_alpha_or_window_never_removes_a_block(inputs, config, d_alpha, d_window):
     q, k, _ = inputs
     seq_len = q.shape[2]

@@ -10,10 +10,10 @@ from flexsample import SampleConfig, sample_attention, sample_block_mask
 from flexsample.block_mask import build_block_mask, kept_blocks, torch_block_lists
 from flexsample.kernels import sampling
 from flexsample.kernels.block_lists import triton_block_lists
-from flexsample.kernels.sampling import triton_block_scores
+from flexsample.kernels.sampling import triton_tile_scores
 from flexsample.layout import make_layout
-from flexsample.reference import reference_block_scores
-from flexsample.scores import torch_block_scores
+from flexsample.reference import reference_block_scores, reference_tile_scores
+from flexsample.scores import reduce_tiles, torch_tile_scores
 from flexsample.selection import select_stripes
 
 from strategies import configs, qkv, well_separated
@@ -40,17 +40,17 @@ def poisoned(monkeypatch):
 
 @given(
     qkv(max_len=200, head_dims=(16, 24, 64)),
-    configs(score_backend="triton"),
+    configs(score_backend="triton", tile_alpha=None),
     st.sampled_from([1, 2, 3, sampling.SPLIT_BLOCKS]),
 )
 def test_kernel_scores_match_reference(inputs, config, blocks):
     q, k, _ = (x.to(DEVICE) for x in inputs)
     scale = q.shape[-1] ** -0.5
+    layout = _layout(config, q.shape[2])
+    got_tiles = triton_tile_scores(q, k, layout, scale, split_blocks=blocks)
+    assert_scores_close(got_tiles, reference_tile_scores(q, k, config, scale))
+    got_scores, got_covered = reduce_tiles(*got_tiles, layout)
     expected_scores, expected_covered = reference_block_scores(q, k, config, scale)
-    got_scores, got_covered = triton_block_scores(
-        q, k, _layout(config, q.shape[2]), scale, split_blocks=blocks
-    )
-    assert_scores_close((got_scores, got_covered), (expected_scores, expected_covered))
     if well_separated(expected_scores, expected_covered, config.alpha, 1e-4):
         assert torch.equal(
             select_stripes(got_scores, got_covered, config),
@@ -64,8 +64,8 @@ def test_kernel_handles_sequences_shorter_than_a_block(seq_len, sample_block):
     gen = torch.Generator().manual_seed(seq_len)
     q = torch.randn(1, 4, seq_len, 32, generator=gen).to(DEVICE)
     k = torch.randn(1, 2, seq_len, 32, generator=gen).to(DEVICE)
-    got = triton_block_scores(q, k, _layout(config, seq_len), 0.2)
-    assert_scores_close(got, reference_block_scores(q, k, config, 0.2))
+    got = triton_tile_scores(q, k, _layout(config, seq_len), 0.2)
+    assert_scores_close(got, reference_tile_scores(q, k, config, 0.2))
 
 
 def test_scores_do_not_depend_on_strides():
@@ -74,8 +74,8 @@ def test_scores_do_not_depend_on_strides():
     q = torch.randn(1, 100, 4, 32).to(DEVICE).transpose(1, 2)  # [B, S, H, D] memory layout
     k = torch.randn(1, 100, 2, 32).to(DEVICE).transpose(1, 2)
     layout = _layout(config, 100)
-    got = triton_block_scores(q, k, layout, 0.2)
-    expected = triton_block_scores(q.contiguous(), k.contiguous(), layout, 0.2)
+    got = triton_tile_scores(q, k, layout, 0.2)
+    expected = triton_tile_scores(q.contiguous(), k.contiguous(), layout, 0.2)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
@@ -128,8 +128,8 @@ def test_planted_misplaced_block_fails_the_score_check():
     q = torch.randn(1, 4, 2048, 64, generator=gen).bfloat16().to(DEVICE)
     k = torch.randn(1, 2, 2048, 64, generator=gen).bfloat16().to(DEVICE)
     config = SampleConfig(min_seq_len=0)
-    scores, covered = triton_block_scores(q, k, _layout(config, 2048), 0.125)
-    expected = reference_block_scores(q, k, config, 0.125)
+    scores, covered = triton_tile_scores(q, k, _layout(config, 2048), 0.125)
+    expected = reference_tile_scores(q, k, config, 0.125)
     assert_scores_close((scores, covered), expected)
     moved = scores.clone()
     moved[..., 3] += moved[..., 2]
@@ -150,8 +150,8 @@ def test_gpu_kernel_matches_torch_path_at_real_sizes(dtype, seq_len):
     q = torch.randn(1, 32, seq_len, 128, device="cuda", dtype=dtype) * 2
     k = torch.randn(1, 8, seq_len, 128, device="cuda", dtype=dtype)
     layout = _layout(config, seq_len)
-    got = triton_block_scores(q, k, layout, 128**-0.5)
-    expected = torch_block_scores(q, k, layout, 128**-0.5)
+    got = triton_tile_scores(q, k, layout, 128**-0.5)
+    expected = torch_tile_scores(q, k, layout, 128**-0.5)
     assert_scores_close(got, expected, bound=1e-4)
     torch.testing.assert_close(got[1] + got[0].sum(-1), torch.ones_like(got[1]), atol=1e-3, rtol=0)
 

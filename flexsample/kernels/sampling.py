@@ -246,7 +246,8 @@ def sample_block_scores(
     num_stages: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]`, rows `[tiles, sample_block]` (int32, -1 pads),
-    window block bounds `[nQ]` (int32) -> (scores `[B, Hq, nKV]`, covered `[B, Hq]`), fp32.
+    window block bounds `[nQ]` (int32) -> per-tile sums over the tile's rows: (mass outside
+    the window per KV block `[B, Hq, tiles, nKV]`, window mass `[B, Hq, tiles]`), fp32.
     `split_blocks` KV blocks per program; `num_warps`, `num_stages` of the first kernel."""
     batch, heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
@@ -312,11 +313,10 @@ def sample_block_scores(
         Q_BLOCK=q_block,
         **tile_args,
     )
-    n_rows = (rows >= 0).sum()
-    return partial.sum(2) / n_rows, covered.sum((2, 3)) / n_rows
+    return partial, covered.sum(3)
 
 
-def triton_block_scores(
+def triton_tile_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     layout: Layout,
@@ -326,7 +326,7 @@ def triton_block_scores(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.block_scores` through the Triton kernel (same result); launch knobs for sweeps."""
+    """`scores.tile_scores` through the Triton kernel (same result); launch knobs for sweeps."""
     config = layout.config
     return sample_block_scores(
         q,
