@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             "capture_rows",
             "qkv_out",
             "qkv_layers",
+            "tile_alphas",
             "budget_minutes",
             "name",
             "out_dir",
