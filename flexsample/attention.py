@@ -34,9 +34,11 @@ def validate_inputs(
     *,
     enable_gqa: bool = True,
     scale: object = None,
+    longer_query: bool = False,
 ) -> None:
     """Raise `TypeError`/`ValueError` naming what is wrong with q `[B, Hq, Sq, D]`,
-    k `[B, Hkv, Skv, D]`, v `[B, Hkv, Skv, Dv]` or `scale` (a finite number or None)."""
+    k `[B, Hkv, Skv, D]`, v `[B, Hkv, Skv, Dv]` or `scale` (a finite number or None).
+    `longer_query` accepts Sq > Skv (SDPA does; the op that replaces SDPA calls must too)."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
@@ -66,7 +68,7 @@ def validate_inputs(
         )
     if seq_q == 0 or seq_kv == 0:
         raise ValueError(f"sequence lengths must be >= 1, got q {seq_q}, k {seq_kv}")
-    if seq_q > seq_kv:
+    if seq_q > seq_kv and not longer_query:
         raise ValueError(f"query length {seq_q} exceeds key length {seq_kv}: not a causal prefill")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"query heads {heads} must be a multiple of key/value heads {kv_heads}")

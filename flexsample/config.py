@@ -131,10 +131,13 @@ class SampleConfig:
 def _check_range(
     name: str, value: object, low: float, high: float, *, low_open: bool = False
 ) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low < value if low_open else low <= value) and value <= high
+    bracket = "(" if low_open else "["
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(
+            f"{name}={value!r} is not a number: allowed a float in {bracket}{low}, {high}]"
+        )
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
     if not ok:
-        bracket = "(" if low_open else "["
         raise ValueError(f"{name}={value!r} is out of range: allowed {bracket}{low}, {high}]")
 
 

@@ -57,7 +57,7 @@ def sample_attention_op(
     only when the mask is exactly causal over equal lengths. `site` names the call site for
     `site_paths` (the compiler pass's report).
     """
-    validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale)
+    validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale, longer_query=True)
     reason = dense_reason(q, k, _config_from_str(config), attn_mask)
     site_paths[site][record(reason, tuple(q.shape))] += 1
     if reason is not None:

@@ -282,6 +282,19 @@ def test_op_keeps_sdpa_top_left_alignment_for_shorter_queries():
     assert flexsample.path_counts == {"dense:q_len!=kv_len": 1}
 
 
+@pytest.mark.parametrize("q_len", [7, 60])
+def test_op_keeps_sdpa_top_left_alignment_for_unequal_lengths(q_len):
+    """Shorter and longer queries alike: whatever SDPA accepts, the op runs as SDPA does."""
+    from flexsample.op import config_to_str
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, q_len, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in "kv")
+    out = torch.ops.flexsample.sample_attention(q, k, v, None, None, True, config_to_str(SPARSE))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, expected)
+
+
 def test_op_rejects_bad_scale_on_every_path():
     from flexsample.op import config_to_str
 

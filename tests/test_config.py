@@ -26,6 +26,9 @@ from flexsample import SampleConfig
         ("min_seq_len", -1, "integer >= 0"),
         ("max_stripe_ratio", 1.2, r"\[0.0, 1.0\]"),
         ("score_backend", "cuda", "one of"),
+        ("alpha", "0.9", r"not a number: allowed a float in \(0.0, 1.0\]"),
+        ("tile_alpha", 0.0, r"\(0.0, 1.0\]"),
+        ("flex_backend", "fa4", "one of"),
     ],
 )
 def test_invalid_values_name_field_value_and_range(field, value, allowed):
