@@ -128,18 +128,19 @@ def _block_lse_kernel(
     )
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
+    # int64 offsets: at 1M tokens head * stride_qh (32 heads x S x D) passes 2^31.
     q = tl.load(
         Q
-        + b * stride_qb
-        + head[:, None] * stride_qh
-        + row[:, None] * stride_qs
+        + b.to(tl.int64) * stride_qb
+        + head[:, None].to(tl.int64) * stride_qh
+        + row[:, None].to(tl.int64) * stride_qs
         + offs_d[None, :] * stride_qd,
         mask=valid[:, None] & d_ok,
         other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + kvh * stride_kh
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     first, last = _split_blocks(row, split, chunk, KV_BLOCK)
     # Scratch layout [B, Hq, tiles, nKV, SB_PAD]: one block's rows are contiguous per head.
     lse_ptr = BLOCK_LSE + row_id * (num_kv_blocks * SB_PAD) + r
@@ -149,7 +150,7 @@ def _block_lse_kernel(
     for kb in range(first, last):
         offs_n = kb * KV_BLOCK + tl.arange(0, KV_BLOCK)
         k = tl.load(
-            k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            k_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd,
             mask=(offs_n[:, None] < seq_len) & d_ok,
             other=0.0,
         )
