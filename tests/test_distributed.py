@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from multiprocess import run_on_ranks
 
 import flexsample
 from flexsample import SampleConfig, sample_attention, sample_block_mask
@@ -17,6 +16,8 @@ from flexsample.layout import make_layout
 from flexsample.scores import block_scores
 from flexsample.selection import select_stripes
 from flexsample.synthetic import structured_qkv
+
+from gloo_ranks import run_on_ranks
 
 # --- the layout, in one process ------------------------------------------------------------------
 
