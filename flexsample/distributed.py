@@ -412,11 +412,17 @@ def context_parallel_dense_attention(
     scale: float | None = None,
     block: int = 128,
     seq_len: int | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """Dense causal attention of a zigzag-sharded prefill (the baseline): all-gather K/V, then
-    each rank its own rows, `[B, Hq, L, Dv]`. CUDA: SDPA per chunk with the causal rule aligned
-    to the end of the chunk's key prefix (`causal_lower_right`: FlashAttention where it runs,
-    else memory-efficient attention); elsewhere chunks of rows, O(chunk x S) memory."""
+    """Dense causal attention of a zigzag-sharded prefill (the baseline, same layout): all-gather
+    K/V, then each rank its own rows, `[B, Hq, L, Dv]`. `kernel` on CUDA: "sdpa" runs SDPA
+    per chunk with the causal rule aligned to the end of the chunk's key prefix
+    (`causal_lower_right`, which FlashAttention computes); "flex" runs flex_attention over
+    every causal block of the shard (the sparse path's kernel); "auto" is "sdpa" where
+    FlashAttention can run these inputs, else "flex" (SDPA would otherwise materialise a
+    `[L, S]` mask). Off CUDA: chunks of rows, O(chunk x S) memory."""
+    if kernel not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"kernel={kernel!r} is not allowed: use 'auto', 'sdpa' or 'flex'")
     _check_inputs(q_shard, k_shard, v_shard, scale)
     if seq_len is None:
         seq_len = _global_length(q_shard.shape[2], q_shard.device, group)
@@ -425,6 +431,16 @@ def context_parallel_dense_attention(
     v = gather_sequence(v_shard, group, seq_len, block=block)
     if q_shard.device.type != "cuda":
         return _cpu_shard_attention(q_shard, k, v, shard, _attention.resolve_scale(q_shard, scale))
+    if kernel == "auto":
+        kernel = "sdpa" if _flash_can_run(q_shard, k, v) else "flex"
+    if kernel == "flex":
+        config = SampleConfig(q_block=block, min_seq_len=0)
+        layout = make_layout(config, seq_len, q_shard.device)
+        every_block = torch.ones(
+            *q_shard.shape[:2], layout.num_kv_blocks, dtype=torch.bool, device=q_shard.device
+        )
+        mask = shard_block_mask(every_block, layout, shard)
+        return shard_attention(q_shard, k, v, mask, shard, config, scale=scale)
     from torch.nn.attention.bias import causal_lower_right
 
     outputs = []
@@ -441,6 +457,15 @@ def context_parallel_dense_attention(
             )
         )
     return torch.cat(outputs, 2)
+
+
+def _flash_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA's FlashAttention takes these inputs (the only dense kernel that computes
+    `causal_lower_right` without a materialised mask for GQA inputs)."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    gqa = q.shape[1] != k.shape[1]
+    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, gqa))
 
 
 __all__ = [
