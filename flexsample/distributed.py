@@ -215,9 +215,10 @@ def shard_block_lists(
 
     before = F.pad(torch.cumsum(stripes, -1, dtype=torch.int32), (1, 0))
     below = before[..., lo]  # [B, H, nQ_local]: stripes below each window start
-    from_window = (lo.int()[:, None] + slot - below[..., None]).clamp(0, num_kv - 1)
+    # In place where it is free to: at 1M tokens each [B, H, nQ_local, nKV] int32 is 4 GiB.
+    full_idx = (lo.int()[:, None] + slot - below[..., None]).clamp_(0, num_kv - 1)
     ascending = _ascending(stripes).int()[:, :, None, :]
-    full_idx = torch.where(slot < below[..., None], ascending, from_window)
+    torch.where(slot < below[..., None], ascending, full_idx, out=full_idx)
     full_num = below + (torch.minimum(hi, last_full) - lo + 1).int()
     partial_first = torch.maximum(lo, last_full + 1).int()
     kv_num = (hi.int() - partial_first + 1).expand_as(full_num)
