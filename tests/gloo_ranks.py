@@ -1,4 +1,5 @@
-"""Run a test body on several CPU processes joined by a gloo process group (127.0.0.1 only)."""
+"""Run a test body on several processes joined by a process group on 127.0.0.1: gloo on CPU,
+or NCCL with one GPU per rank."""
 
 import os
 import socket
@@ -15,7 +16,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, body, args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, backend: str, body, args: tuple) -> None:
     # Environment as torchrun sets it: transformers' tensor parallelism reads it.
     os.environ.update(
         RANK=str(rank),
@@ -25,14 +26,18 @@ def _entry(rank: int, world: int, port: int, body, args: tuple) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)  # two processes share the CI machine's cores
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         body(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_on_ranks(body, world: int = 2, *args) -> None:
-    """`body(rank, world, *args)` on `world` spawned processes; a failure on any rank raises
-    here with that rank's traceback. `body` must be a module-level function."""
-    mp.spawn(_entry, args=(world, free_port(), body, args), nprocs=world, join=True)
+def run_on_ranks(body, world: int = 2, *args, backend: str = "gloo") -> None:
+    """`body(rank, world, *args)` on `world` spawned processes ("nccl": rank r on GPU r); a
+    failure on any rank raises here with that rank's traceback. `body` must be a module-level
+    function."""
+    mp.spawn(_entry, args=(world, free_port(), backend, body, args), nprocs=world, join=True)

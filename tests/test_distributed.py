@@ -242,3 +242,29 @@ def _cp_cases(rank, world):
 
 def test_context_parallel_equals_single_process_on_two_ranks():
     run_on_ranks(_cp_cases, 2)
+
+
+def _gpu_cases(rank, world):
+    # The CUDA path: Triton stage-1 kernel on the strided row view, flex with Q_LEN != KV_LEN
+    # (Triton, and FLASH where it can run), NCCL collectives, the dense SDPA baseline.
+    config = SampleConfig(alpha=0.9, min_seq_len=0)
+    x = structured_qkv(1, 8, 2, 8192 + 200, 128, seed=3, dtype=torch.bfloat16, device="cuda")
+    for backend in ("triton", "auto"):
+        config = dataclasses.replace(config, flex_backend=backend)
+        _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=2e-2, rtol=2e-2)
+    qs, ks, vs = _shards(rank, world, 128, x.q, x.k, x.v)
+    expected = cp.shard_sequence(
+        F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, enable_gqa=True),
+        rank,
+        world,
+        block=128,
+    )
+    for kernel in ("sdpa", "flex"):
+        dense = cp.context_parallel_dense_attention(qs, ks, vs, kernel=kernel)
+        torch.testing.assert_close(dense, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_context_parallel_on_two_gpus():
+    run_on_ranks(_gpu_cases, 2, backend="nccl")
