@@ -25,8 +25,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(name="families-5.17")
 def families_517(session: nox.Session) -> None:
-    """Both doors on every model family (and the door tests) under transformers 5.17, the
-    oldest supported version (the CPU suite runs the newest that pip installs)."""
+    """Both doors on every model family (and the door and tensor-parallel tests) under
+    transformers 5.17, the oldest supported version (the CPU suite runs the newest that pip
+    installs)."""
     _install(session, "test,hf")
     session.install("transformers==5.17.0")
     session.run(
@@ -36,6 +37,7 @@ def families_517(session: nox.Session) -> None:
         "-q",
         "tests/test_families.py",
         "tests/test_transformers.py",
+        "tests/test_tensor_parallel.py",
         *session.posargs,
     )
 
