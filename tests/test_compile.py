@@ -235,7 +235,7 @@ def test_op_returns_the_layout_its_fake_promises(layout, mask):
     q, k, v = (torch.randn(1, 4, 200, 16, generator=gen) for _ in range(3))
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    attn_mask = torch.ones(200, 200, dtype=torch.bool).tril() if mask else None
+    attn_mask = torch.ones(200, 200, dtype=torch.bool).tril()[None, None] if mask else None
     out = torch.ops.flexsample.sample_attention(
         q, k, v, attn_mask, None, False, config_to_str(DENSE_EQUIVALENT)
     )

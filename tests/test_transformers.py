@@ -56,9 +56,10 @@ def test_generate_and_padded_batch_match_dense():
             expected = dense.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
             got = sparse.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
             assert torch.equal(got, expected)
-    # Unpadded prefill ran sparse (2 layers); the padded prefill's mask was checked and run
-    # with SDPA (2 layers); decode steps went to transformers' SDPA function (not counted).
-    assert flexsample.path_counts == {"sparse": 2, "dense:mask": 2}
+    # Unpadded prefill ran sparse (2 layers); the padded prefill's [B, S] padding mask was
+    # checked and run with SDPA (2 layers); decode steps went to transformers' SDPA function
+    # (not counted).
+    assert flexsample.path_counts == {"sparse": 2, "dense:padding": 2}
 
 
 def test_from_pretrained_checkpoint_uses_flexsample(tmp_path):
@@ -100,3 +101,25 @@ def test_training_step_gradients_equal_eager(door):
         grads[name] = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
     for param, expected in grads["eager"].items():
         torch.testing.assert_close(grads[door][param], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", [False, True], ids=["no-attention-mask", "all-ones-mask"])
+def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
+    """Traced transformers builds a [B, 1, S, S] causal mask for SDPA's mask function; the
+    door's mask function hands the op None or the [B, S] padding mask instead, which the op
+    reads in O(B·S) and runs sparse (S = 512: S×S is 512 times B·S)."""
+    register(SPARSE)
+    length = 512
+    model = tiny_model("llama", attn_implementation="flexsample")
+    ids = _ids(length=length)
+    kwargs = {"attention_mask": torch.ones_like(ids)} if given else {}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(ids, **kwargs).logits
+        op_masks.clear()
+        flexsample.path_counts.clear()
+        got = torch.compile(model, fullgraph=True)(ids, **kwargs).logits
+    assert op_masks == [(1, length) if given else None] * 2
+    assert flexsample.path_counts == {"sparse": 2}
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
