@@ -108,18 +108,32 @@ def test_training_step_gradients_equal_eager(door):
 def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
     """Traced transformers builds a [B, 1, S, S] causal mask for SDPA's mask function; the
     door's mask function hands the op None or the [B, S] padding mask instead, which the op
-    reads in O(B·S) and runs sparse (S = 512: S×S is 512 times B·S)."""
+    reads in O(B·S) and runs sparse. S = 512: S×S elements is 4x the largest activation
+    (MLP, 128 x 512), so no tensor of the compiled graph may have that many."""
+    from torch._inductor.compile_fx import compile_fx
+
     register(SPARSE)
     length = 512
     model = tiny_model("llama", attn_implementation="flexsample")
     ids = _ids(length=length)
     kwargs = {"attention_mask": torch.ones_like(ids)} if given else {}
+    sizes = {}
+
+    def inductor_recording_sizes(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                sizes[node.name] = value.numel()
+        return compile_fx(gm, example_inputs)
+
     torch._dynamo.reset()
     with torch.no_grad():
         expected = model(ids, **kwargs).logits
         op_masks.clear()
         flexsample.path_counts.clear()
-        got = torch.compile(model, fullgraph=True)(ids, **kwargs).logits
+        compiled = torch.compile(model, fullgraph=True, backend=inductor_recording_sizes)
+        got = compiled(ids, **kwargs).logits
     assert op_masks == [(1, length) if given else None] * 2
+    assert sizes and max(sizes.values()) < length * length, max(sizes.items(), key=lambda x: x[1])
     assert flexsample.path_counts == {"sparse": 2}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
