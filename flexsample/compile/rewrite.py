@@ -5,9 +5,9 @@ A call qualifies when it has no dropout, its 4-D inputs need no gradient, and it
 causal one (transformers passes causal masks explicitly when traced). A masked call keeps its
 mask (a 2-D one lifted to 4-D: the op reads 2-D masks as key padding): the op checks it at run
 time and runs SampleAttention only if it is exactly causal, so padding or custom masks keep
-SDPA's answer. Every other call stays as it is. Each graph's
-decisions are recorded with their reasons, and each rewritten call is a named site whose
-run-time paths the op counts (`report()`).
+SDPA's answer. Every other call stays as it is. Each graph's decisions are recorded with their
+reasons, and each rewritten call is a named site whose run-time paths the op counts
+(`report()`).
 """
 
 from __future__ import annotations
