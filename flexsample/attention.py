@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexsample.block_mask import build_block_mask, kept_blocks
+from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
 from flexsample.layout import make_layout
@@ -97,7 +98,7 @@ def dense_causal_attention(
         )
     if seq_q == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
-    mask = torch.ones(seq_q, seq_kv, dtype=torch.bool, device=q.device).tril(seq_kv - seq_q)
+    mask = causal_padding_mask(seq_q, seq_kv, device=q.device)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa
     )

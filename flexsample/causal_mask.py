@@ -1,4 +1,5 @@
-"""Is an SDPA `attn_mask` exactly the causal mask?
+"""The causal mask: is an SDPA `attn_mask` exactly causal, and building one where a dense path
+needs it (end-aligned, optionally combined with a `[B, Skv]` key padding mask).
 
 transformers builds an explicit mask instead of `is_causal=True` when it is traced (5.17
 does so for every causal model under torch.compile), so a compiled graph may pass a causal
@@ -65,3 +66,23 @@ def is_causal_mask(
         column_counts += kept.sum(-2)
     ok &= (column_counts == length - index).all()
     return bool(ok)
+
+
+def causal_padding_mask(
+    seq_q: int,
+    seq_kv: int,
+    padding: torch.Tensor | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool `[B, 1, Sq, Skv]` (`[1, 1, Sq, Skv]` without `padding`): True where query row i may
+    see key j, causal aligned to the END of the keys (j <= Skv - Sq + i) and, with a bool
+    `padding` `[B, Skv]`, only where `padding[b, j]` is True (transformers' SDPA mask).
+
+    The one place a dense fallback builds an S×S mask from a causal rule or a padding mask;
+    the sparse path never calls it.
+    """
+    device = padding.device if padding is not None else device
+    rows = torch.arange(seq_q, device=device) + (seq_kv - seq_q)
+    mask = (torch.arange(seq_kv, device=device) <= rows[:, None])[None, None]
+    return mask if padding is None else mask & padding[:, None, None, :]

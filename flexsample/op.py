@@ -2,10 +2,11 @@
 
 The compiler pass puts it where an SDPA call was; the transformers attention function calls
 it for plain causal prefill. An opaque custom op, so every decision (`paths.dense_reason`:
-length, dtype, device, and whether a given mask is the causal one) is taken at run time on
-the real tensors: one compiled graph serves every input of a length, short prompts, padded
-batches and decode steps included, and dynamic shapes need no guards on our conditions.
-It has no autograd formula: both doors send inputs that require grad elsewhere.
+length, dtype, device, whether a given mask is the causal one or a padding mask keeps every
+key) is taken at run time on the real tensors: one compiled graph serves every input of a
+length, short prompts, padded batches and decode steps included, and dynamic shapes need no
+guards on our conditions. It has no autograd formula: both doors send inputs that require
+grad elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flexsample.attention import sparse_attention, validate_inputs
+from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig
 from flexsample.paths import dense_reason, record
 
@@ -53,14 +55,25 @@ def sample_attention_op(
 
     Without `attn_mask` it is `scaled_dot_product_attention(q, k, v, is_causal=True, ...)`:
     unequal lengths keep SDPA's TOP-LEFT alignment, since the op replaces such SDPA calls.
-    With one it is `scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, ...)`, sparse
-    only when the mask is exactly causal over equal lengths. `site` names the call site for
-    `site_paths` (the compiler pass's report).
+    With an SDPA mask (3 or 4 dims) it is `scaled_dot_product_attention(q, k, v,
+    attn_mask=attn_mask, ...)`, sparse only when the mask is exactly causal over equal
+    lengths. A 2-D `attn_mask` is a bool `[B, Skv]` key padding mask (the transformers door's,
+    True = keep): causal aligned to the END of the keys and padding, sparse when it keeps every
+    key; the `[B, 1, Sq, Skv]` mask is built only for the dense path. `site` names the call
+    site for `site_paths` (the compiler pass's report).
     """
     validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale, longer_query=True)
+    padding = attn_mask is not None and attn_mask.dim() == 2
+    if padding and (attn_mask.dtype != torch.bool or attn_mask.shape != (q.shape[0], k.shape[2])):
+        raise ValueError(
+            f"a 2-D attn_mask is a bool [B, Skv] = [{q.shape[0]}, {k.shape[2]}] padding mask, "
+            f"got {attn_mask.dtype} {tuple(attn_mask.shape)}"
+        )
     reason = dense_reason(q, k, _config_from_str(config), attn_mask)
     site_paths[site][record(reason, tuple(q.shape))] += 1
     if reason is not None:
+        if padding:
+            attn_mask = causal_padding_mask(q.shape[2], k.shape[2], attn_mask)
         out = F.scaled_dot_product_attention(
             q,
             k,

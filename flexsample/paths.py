@@ -29,11 +29,13 @@ def dense_reason(
     config: SampleConfig,
     attn_mask: torch.Tensor | None = None,
 ) -> str | None:
-    """Why valid inputs q `[B, Hq, Sq, D]`, k `[B, Hkv, Skv, D]` (and an SDPA `attn_mask`, if
-    any) run dense, or None when the sparse path applies.
+    """Why valid inputs q `[B, Hq, Sq, D]`, k `[B, Hkv, Skv, D]` (and a mask, if any) run
+    dense, or None when the sparse path applies.
 
-    Cheap checks first; a given mask is read last, and only the exactly causal mask over equal
-    lengths runs sparse (padding and custom masks keep SDPA's answer).
+    `attn_mask` is an SDPA mask (3 or 4 dims), or a 2-D bool `[B, Skv]` key padding mask (the
+    transformers door's format, True = keep). Cheap checks first; a given mask is read last:
+    an SDPA mask runs sparse only if exactly causal, a padding mask only if it keeps every key
+    (an O(B·S) read; padded batches keep SDPA's answer).
     """
     if q.shape[2] != k.shape[2]:
         return "q_len!=kv_len"
@@ -43,9 +45,11 @@ def dense_reason(
         return f"dtype:{str(q.dtype).removeprefix('torch.')}"
     if q.device.type not in SPARSE_DEVICES:
         return f"device:{q.device.type}"
-    if attn_mask is not None and not is_causal_mask(attn_mask):
-        return "mask"
-    return None
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 2:
+        return None if bool(attn_mask.all()) else "padding"
+    return None if is_causal_mask(attn_mask) else "mask"
 
 
 def record(reason: str | None, shape: tuple[int, ...]) -> str:

@@ -41,3 +41,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def op_masks(monkeypatch):
+    """Shapes of the masks that reach the flexsample op at run time, in call order (None: no
+    mask); compiled code runs the op's real implementation, so this sees its real inputs."""
+    from flexsample import op
+
+    seen = []
+    real = op.dense_reason
+
+    def spy(q, k, config, attn_mask=None):
+        seen.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return real(q, k, config, attn_mask)
+
+    monkeypatch.setattr(op, "dense_reason", spy)
+    return seen

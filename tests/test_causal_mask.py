@@ -1,4 +1,4 @@
-"""The run-time check that an SDPA mask is exactly causal."""
+"""The run-time check that an SDPA mask is exactly causal, and the dense paths' causal mask."""
 
 import functools
 
@@ -67,3 +67,16 @@ def test_same_row_counts_in_other_places_are_not_causal(is_causal_mask):
     mask[..., 5, 6] = True  # row 5 still keeps 6 keys
     assert mask[0, 0].sum(-1).tolist() == list(range(1, 41))
     assert not is_causal_mask(mask)
+
+
+def test_causal_padding_mask_is_end_aligned_and_padded():
+    from flexsample.causal_mask import causal_padding_mask
+
+    assert torch.equal(
+        causal_padding_mask(2, 4)[0, 0], torch.tensor([[1, 1, 1, 0], [1] * 4]).bool()
+    )
+    padding = torch.tensor([[True] * 4, [False, True, True, True]])
+    mask = causal_padding_mask(4, 4, padding)
+    assert mask.shape == (2, 1, 4, 4)
+    assert torch.equal(mask[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.equal(mask[1, 0], torch.ones(4, 4, dtype=torch.bool).tril() & padding[1])

@@ -235,7 +235,7 @@ def test_op_returns_the_layout_its_fake_promises(layout, mask):
     q, k, v = (torch.randn(1, 4, 200, 16, generator=gen) for _ in range(3))
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    attn_mask = torch.ones(200, 200, dtype=torch.bool).tril() if mask else None
+    attn_mask = torch.ones(200, 200, dtype=torch.bool).tril()[None, None] if mask else None
     out = torch.ops.flexsample.sample_attention(
         q, k, v, attn_mask, None, False, config_to_str(DENSE_EQUIVALENT)
     )
@@ -304,3 +304,58 @@ def test_op_rejects_bad_scale_on_every_path():
             torch.ops.flexsample.sample_attention(
                 q, q, q, None, float("nan"), False, config_to_str(config)
             )
+
+
+def test_op_reads_a_2d_mask_as_key_padding():
+    """The transformers door's [B, Skv] padding mask: all ones runs sparse (no S×S built);
+    padding runs SDPA with the causal-and-padding mask, end-aligned for a shorter query; a
+    2-D mask of another shape or dtype is an error, not an SDPA [Sq, Skv] mask."""
+    from flexsample.causal_mask import causal_padding_mask
+    from flexsample.op import config_to_str
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=gen) for _ in range(3))
+    op, config = torch.ops.flexsample.sample_attention, config_to_str(DENSE_EQUIVALENT)
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    torch.testing.assert_close(
+        op(q, k, v, keep, None, False, config),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+    keep[1, :9] = False
+    for rows in (64, 5):
+        expected = F.scaled_dot_product_attention(
+            q[:, :, -rows:], k, v, attn_mask=causal_padding_mask(rows, 64, keep)
+        )
+        torch.testing.assert_close(op(q[:, :, -rows:], k, v, keep, None, False, config), expected)
+    assert flexsample.path_counts == {"sparse": 1, "dense:padding": 1, "dense:q_len!=kv_len": 1}
+    for bad in (keep.float(), keep[:, :32], torch.ones(64, 64, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="padding mask"):
+            op(q, k, v, bad, None, False, config)
+
+
+class _TwoDimMask(torch.nn.Module):
+    """Causal attention with SDPA's 2-D `[S, S]` mask, which the op would read as padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        length = x.shape[1]
+        q, k, v = self.qkv(x).view(2, length, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(length, length, dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_two_dim_mask_keeps_its_meaning():
+    """The pass lifts SDPA's 2-D [Sq, Skv] mask to 4-D for the op (which reads 2-D masks as
+    [B, Skv] key padding): still causal, still sparse."""
+    torch.manual_seed(0)
+    module = _TwoDimMask().eval()
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        got = torch.compile(module, backend=flexsample.backend(DENSE_EQUIVALENT))(x)
+        torch.testing.assert_close(got, module(x), atol=1e-4, rtol=1e-4)
+    assert _rewritten() == 1 and flexsample.path_counts == {"sparse": 1}

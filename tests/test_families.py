@@ -148,3 +148,99 @@ def test_compile_backend_alpha_one_equals_eager(family):
     if own > TOL:
         pytest.skip(f"transformers' own {impl} for {family} differs from eager by {own:.3g}")
     assert _max_diff(got, expected) <= TOL
+
+
+def _left_padded(batch=2, seed=1):
+    """Token ids and a mask whose second row has 21 pad tokens on the left."""
+    ids = _ids(batch=batch, seed=seed)
+    mask = torch.ones_like(ids)
+    mask[1, :21] = 0
+    return ids, mask
+
+
+def _door(family: str, compiled: bool):
+    model = tiny_family(family, "flexsample")
+    if compiled:
+        torch._dynamo.reset()
+        model = torch.compile(model, fullgraph=True)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_left_padding_reaches_the_door_as_b_by_s_and_equals_eager(op_masks, family, compiled):
+    """The door's mask function hands a padded prefill the [B, S] padding mask, also traced
+    (its values unread); the op runs SDPA with the causal-and-padding mask built from it
+    (Llama), Gemma2's soft-capped global layer its eager function with the additive mask built
+    from it (its windowed layer keeps SDPA's mask). Real tokens equal eager."""
+    register(EXACT)
+    ids, mask = _left_padded()
+    expected = _logits(tiny_family(family, "eager"), ids, attention_mask=mask)
+    got = _logits(_door(family, compiled), ids, attention_mask=mask)
+    keep = mask.bool()  # padded query rows are undefined
+    diff = _max_diff(got[keep], expected[keep])
+    assert diff <= TOL, f"{family}: max |flexsample - eager| = {diff:.3g} (real tokens)"
+    if family == "llama":
+        assert op_masks == [tuple(ids.shape)] * 2
+        assert flexsample.path_counts == {"dense:padding": 2}
+    else:
+        assert op_masks == []  # soft-cap and window: the model's own attention
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "padded, compiled",
+    [(True, False), (True, True), (False, True)],
+    ids=["padded-eager", "padded-compiled", "unpadded-compiled"],
+)
+def test_generate_with_cache_equals_eager(op_masks, padded, compiled):
+    """Prefill through the op with the [B, S] padding mask (None where eager code sees no
+    padding), then cached decode steps with transformers' SDPA masks: eager's greedy tokens
+    and eager's logits at every step."""
+    register(EXACT)
+    ids, mask = _left_padded(seed=4)
+    if not padded:
+        mask = torch.ones_like(mask)
+    runs = {}
+    for name in ("eager", "flexsample"):
+        model = tiny_family("llama", name)
+        if compiled and name == "flexsample":
+            torch._dynamo.reset()
+            model.forward = torch.compile(model.forward)
+        with torch.no_grad():
+            runs[name] = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=6,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+    got, expected = runs["flexsample"], runs["eager"]
+    diff = _max_diff(torch.stack(got.logits), torch.stack(expected.logits))
+    assert diff <= TOL, f"max |flexsample - eager| over the steps = {diff:.3g}"
+    assert torch.equal(got.sequences, expected.sequences)
+    # Only the prefill reaches the op (decode steps are not prefills: the model's own SDPA),
+    # with nothing S×S. Without padding, 5.24's generate drops the all-ones mask (None), 5.17
+    # passes it (traced: [B, S]).
+    allowed = [tuple(ids.shape)] if padded else [None, tuple(ids.shape)]
+    assert len(op_masks) == 2 and all(shape in allowed for shape in op_masks), op_masks
+    assert flexsample.path_counts == {"dense:padding" if padded else "sparse": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_keeps_sdpa_mask_and_equals_eager(op_masks, family, compiled):
+    """A window shorter than the keys is not a plain causal mask: the door's mask function
+    gives SDPA's windowed [B, 1, S, S] mask, the model's own SDPA runs with it. Mistral: every
+    layer windowed; Qwen2: one global layer (through the op with the [B, S] padding mask)."""
+    register(EXACT)
+    ids, mask = _left_padded(seed=5)
+    expected = _logits(tiny_family(family, "eager"), ids, attention_mask=mask)
+    got = _logits(_door(family, compiled), ids, attention_mask=mask)
+    keep = mask.bool()
+    diff = _max_diff(got[keep], expected[keep])
+    assert diff <= TOL, f"{family}: max |flexsample - eager| = {diff:.3g} (real tokens)"
+    assert op_masks == ([] if family == "mistral" else [tuple(ids.shape)])

@@ -56,9 +56,10 @@ def test_generate_and_padded_batch_match_dense():
             expected = dense.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
             got = sparse.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
             assert torch.equal(got, expected)
-    # Unpadded prefill ran sparse (2 layers); the padded prefill's mask was checked and run
-    # with SDPA (2 layers); decode steps went to transformers' SDPA function (not counted).
-    assert flexsample.path_counts == {"sparse": 2, "dense:mask": 2}
+    # Unpadded prefill ran sparse (2 layers); the padded prefill's [B, S] padding mask was
+    # checked and run with SDPA (2 layers); decode steps went to transformers' SDPA function
+    # (not counted).
+    assert flexsample.path_counts == {"sparse": 2, "dense:padding": 2}
 
 
 def test_from_pretrained_checkpoint_uses_flexsample(tmp_path):
@@ -100,3 +101,39 @@ def test_training_step_gradients_equal_eager(door):
         grads[name] = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
     for param, expected in grads["eager"].items():
         torch.testing.assert_close(grads[door][param], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", [False, True], ids=["no-attention-mask", "all-ones-mask"])
+def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
+    """Traced transformers builds a [B, 1, S, S] causal mask for SDPA's mask function; the
+    door's mask function hands the op None or the [B, S] padding mask instead, which the op
+    reads in O(B·S) and runs sparse. S = 512: S×S elements is 4x the largest activation
+    (MLP, 128 x 512), so no tensor of the compiled graph may have that many."""
+    from torch._inductor.compile_fx import compile_fx
+
+    register(SPARSE)
+    length = 512
+    model = tiny_model("llama", attn_implementation="flexsample")
+    ids = _ids(length=length)
+    kwargs = {"attention_mask": torch.ones_like(ids)} if given else {}
+    sizes = {}
+
+    def inductor_recording_sizes(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                sizes[node.name] = value.numel()
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(ids, **kwargs).logits
+        op_masks.clear()
+        flexsample.path_counts.clear()
+        compiled = torch.compile(model, fullgraph=True, backend=inductor_recording_sizes)
+        got = compiled(ids, **kwargs).logits
+    assert op_masks == [(1, length) if given else None] * 2
+    assert sizes and max(sizes.values()) < length * length, max(sizes.items(), key=lambda x: x[1])
+    assert flexsample.path_counts == {"sparse": 2}
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

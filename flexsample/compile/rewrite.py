@@ -3,10 +3,11 @@
 A call qualifies when it has no dropout, its 4-D inputs need no gradient, and it is either
 `is_causal=True` with no mask, or `is_causal=False` with a `[..., S, S]` mask that may be the
 causal one (transformers passes causal masks explicitly when traced). A masked call keeps its
-mask: the op checks it at run time and runs SampleAttention only if it is exactly causal, so
-padding or custom masks keep SDPA's answer. Every other call stays as it is. Each graph's
-decisions are recorded with their reasons, and each rewritten call is a named site whose
-run-time paths the op counts (`report()`).
+mask (a 2-D one lifted to 4-D: the op reads 2-D masks as key padding): the op checks it at run
+time and runs SampleAttention only if it is exactly causal, so padding or custom masks keep
+SDPA's answer. Every other call stays as it is. Each graph's decisions are recorded with their
+reasons, and each rewritten call is a named site whose run-time paths the op counts
+(`report()`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import operator
 
 import torch
 import torch.fx
@@ -126,9 +128,13 @@ def _sdpa_arguments(node: torch.fx.Node) -> dict[str, object]:
     return {**_SDPA_DEFAULTS, **bound}
 
 
+#: Where a node keeps its example value (Dynamo graphs carry example_value).
+_VALUE_KEYS = ("val", "example_value")
+
+
 def _meta(node: object) -> torch.Tensor | None:
     meta = getattr(node, "meta", {})
-    return meta.get("val", meta.get("example_value"))  # Dynamo graphs carry example_value
+    return meta.get("val", meta.get("example_value"))
 
 
 def _skip_reason(args: dict[str, object]) -> str | None:
@@ -167,6 +173,14 @@ def _skip_reason(args: dict[str, object]) -> str | None:
     return None
 
 
+def _lift_to_4d(graph: torch.fx.Graph, mask: torch.fx.Node) -> torch.fx.Node:
+    """`mask[None, None]`: SDPA reads a 2-D mask as `[Sq, Skv]`, the op as `[B, Skv]` key
+    padding (the transformers door's format), so the pass hands the op SDPA's meaning in 4-D."""
+    lifted = graph.call_function(operator.getitem, (mask, (None, None)))
+    lifted.meta = {key: val[None, None] for key, val in mask.meta.items() if key in _VALUE_KEYS}
+    return lifted
+
+
 def rewrite_sdpa(gm: torch.fx.GraphModule, config: SampleConfig) -> int:
     """Rewrite the qualifying SDPA calls of `gm` in place; returns how many were rewritten."""
     config_str = config_to_str(config)
@@ -186,13 +200,16 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, config: SampleConfig) -> int:
         # Graph indices restart at a reset, site numbers never: old graphs may still run.
         site = f"site{next(_site_numbers)}:{node.name}"
         with gm.graph.inserting_before(node):
+            mask = args["attn_mask"]
+            if mask is not None and _meta(mask).dim() == 2:
+                mask = _lift_to_4d(gm.graph, mask)
             new = gm.graph.call_function(
                 torch.ops.flexsample.sample_attention.default,
                 (
                     args["query"],
                     args["key"],
                     args["value"],
-                    args["attn_mask"],
+                    mask,
                     args["scale"],
                     args["enable_gqa"],
                     config_str,

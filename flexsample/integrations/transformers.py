@@ -4,25 +4,30 @@ The sparse path runs only for attention it fully understands: a causal prefill (
 as the keys, S > 1) with no dropout, no inputs that require grad, and nothing in the call's
 keyword arguments or the module's attributes that changes the math beyond scaled dot-product
 attention (`fallback_reason`, an allow-list). It goes through the run-time op that the
-compiler pass also uses, which checks a given mask (padded batches run SDPA with it).
+compiler pass also uses, which checks a given mask (padded batches run SDPA with it). The
+door's mask function (`flexsample_mask`) hands a plain causal prefill nothing S×S: None, or
+the `[B, S]` padding mask, as transformers' flash-attention door does; other masks are SDPA's.
 Everything else runs the model's own correct attention: transformers' SDPA function, or the
 model's eager function where its family refuses SDPA (sinks, for example), with the mask
-converted to what that function expects. So soft-capping, attention sinks, sliding windows
-shorter than the keys, position biases, training and unknown future arguments keep eager's
-answer. Causal alignment: a shorter query (cached chunk, decode step) is aligned to the END
-of the keys, by transformers' own masks.
+converted to what that function expects (`fallback_mask`). So soft-capping, attention
+sinks, sliding windows shorter than the keys, position biases, training and unknown future
+arguments keep eager's answer. Causal alignment: a shorter query (cached chunk, decode step)
+is aligned to the END of the keys, by transformers' own masks.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.utils.import_utils import is_tracing
 
+from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
 from flexsample.op import config_to_str
 from flexsample.paths import dense_reason
@@ -168,15 +173,16 @@ def model_attention(
     """What computes this module's attention correctly without flexsample: the module's own
     eager function where the model family refuses SDPA or the call carries a feature that
     transformers' SDPA function drops (soft-cap, sinks), else that SDPA function.
-    `attention_mask` is in SDPA's format (bool, or None for plain causal); eager gets it as an
-    additive float mask."""
+    `attention_mask` is what `flexsample_mask` gave (None, bool `[B, Skv]` padding or SDPA's
+    4-D mask); each function gets it in its own format (`fallback_mask`)."""
     eager = _eager_function(type(module))
     eager_only = getattr(module, "sinks", None) is not None or any(
         kwargs.get(name) is not None for name in _EAGER_ONLY_KWARGS
     )
     if eager is None or not (eager_only or _refuses_sdpa(type(module))):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    mask = _additive_mask(attention_mask, query, key)
+        mask = fallback_mask(attention_mask, query, key, additive=False)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    mask = fallback_mask(attention_mask, query, key, additive=True)
     kwargs.pop("is_causal", None)
     return eager(module, query, key, value, mask, **kwargs)
 
@@ -204,26 +210,80 @@ def _refuses_sdpa(module_type: type) -> bool:
     return not all(getattr(model, "_supports_sdpa", False) for model in models)
 
 
-def _additive_mask(
-    mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
-) -> torch.Tensor:
-    """SDPA's mask (None: causal, aligned to the end of the keys; or bool `[B, 1, Sq, Skv]`)
-    as eager's additive float mask in the query's dtype."""
-    if mask is None:
-        rows = torch.arange(query.shape[2], device=query.device) + key.shape[2] - query.shape[2]
-        mask = (torch.arange(key.shape[2], device=query.device) <= rows[:, None])[None, None]
-    if mask.dtype != torch.bool:
+def fallback_mask(
+    mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, *, additive: bool
+) -> torch.Tensor | None:
+    """The door's mask (None: causal; bool `[B, Skv]`: padding; or SDPA's `[B, 1, Sq, Skv]`) in
+    the format a fallback expects, causal aligned to the END of the keys: transformers' SDPA
+    function takes None or the 4-D bool mask, an eager function (`additive`) a float
+    `[B or 1, 1, Sq, Skv]` mask in the query's dtype (0 kept, dtype min dropped)."""
+    if mask is None and not additive:
+        return None  # the SDPA function runs is_causal=True itself
+    if mask is None or mask.dim() == 2:
+        mask = causal_padding_mask(query.shape[2], key.shape[2], mask, device=query.device)
+    if not additive or mask.dtype != torch.bool:
         return mask
     lowest = torch.finfo(query.dtype).min
     return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, lowest)
 
 
+def flexsample_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The door's mask function (`AttentionMaskInterface`, called by transformers'
+    `create_*_mask`; `attention_mask` is the bool `[B, Skv]` padding mask or None).
+
+    A plain causal prefill gets nothing S×S, as transformers' flash-attention door: None
+    without padding, else the `[B, S]` padding mask, also when traced (where its values cannot
+    be read), for the op to check in O(B·S). Every other mask (sliding window, chunked,
+    bidirectional, packed sequences, materialised on request, cached chunks and decode steps)
+    is `sdpa_mask`'s: None or bool `[B, 1, Sq, Skv]`.
+    """
+    plain_prefill = (
+        mask_function is causal_mask_function
+        and local_size is None
+        and allow_is_causal_skip  # False: the caller needs the mask built (e.g. to combine it)
+        and not isinstance(q_offset, torch.Tensor)  # static caches' offset: not a prefill
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+        and (attention_mask is None or attention_mask.shape[-1] == kv_length)
+    )
+    if not plain_prefill:
+        return sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            allow_is_causal_skip=allow_is_causal_skip,
+            **kwargs,
+        )
+    # Eager code can read the mask: no padding gives None, so fallbacks keep SDPA's is_causal.
+    if attention_mask is None or (not is_tracing(attention_mask) and bool(attention_mask.all())):
+        return None
+    return attention_mask
+
+
 def register(config: SampleConfig | None = None, name: str = NAME) -> str:
-    """Register the attention function (and SDPA's mask format) under `name`; returns it.
+    """Register the attention function and its mask function (`flexsample_mask`) under
+    `name`; returns it.
 
     Then `AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)` (or
     `from_config`) uses it. Calling again with another config replaces the registration.
     """
     AttentionInterface.register(name, make_attention_forward(config))
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, flexsample_mask)
     return name
