@@ -91,26 +91,34 @@ def test_packed_sequences_equal_eager(family):
     assert diff <= TOL, f"{family}: max |flexsample - eager| = {diff:.3g}"
 
 
+def _generate(model, ids, **kwargs):
+    """Six greedy tokens with the logits of every step."""
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            max_new_tokens=6,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )
+
+
+def _assert_same_generation(runs: dict, label: str) -> None:
+    got, expected = runs["flexsample"], runs["eager"]
+    diff = _max_diff(torch.stack(got.logits), torch.stack(expected.logits))
+    assert diff <= TOL, f"{label}: max |flexsample - eager| over the steps = {diff:.3g}"
+    assert torch.equal(got.sequences, expected.sequences)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss"])
 def test_greedy_generate_equals_eager(family):
     """Prefill (sparse where allowed) then cached decode steps: eager's greedy tokens, and
     eager's logits at every step."""
     register(EXACT)
     ids = _ids(seed=2)
-    runs = {}
-    for name in ("eager", "flexsample"):
-        with torch.no_grad():
-            runs[name] = tiny_family(family, name).generate(
-                ids,
-                max_new_tokens=6,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-    got, expected = runs["flexsample"], runs["eager"]
-    diff = _max_diff(torch.stack(got.logits), torch.stack(expected.logits))
-    assert diff <= TOL, f"{family}: max |flexsample - eager| over the steps = {diff:.3g}"
-    assert torch.equal(got.sequences, expected.sequences)
+    runs = {name: _generate(tiny_family(family, name), ids) for name in ("eager", "flexsample")}
+    _assert_same_generation(runs, family)
 
 
 def test_default_alpha_runs_sparse_on_llama():
@@ -208,19 +216,8 @@ def test_generate_with_cache_equals_eager(op_masks, padded, compiled):
         if compiled and name == "flexsample":
             torch._dynamo.reset()
             model.forward = torch.compile(model.forward)
-        with torch.no_grad():
-            runs[name] = model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=6,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-    got, expected = runs["flexsample"], runs["eager"]
-    diff = _max_diff(torch.stack(got.logits), torch.stack(expected.logits))
-    assert diff <= TOL, f"max |flexsample - eager| over the steps = {diff:.3g}"
-    assert torch.equal(got.sequences, expected.sequences)
+        runs[name] = _generate(model, ids, attention_mask=mask)
+    _assert_same_generation(runs, "llama")
     # Only the prefill reaches the op (decode steps are not prefills: the model's own SDPA),
     # with nothing S×S. Without padding, 5.24's generate drops the all-ones mask (None), 5.17
     # passes it (traced: [B, S]).
