@@ -143,7 +143,7 @@ def load_model(setup: Setup, max_len: int, attn: str = "sdpa"):
     torch.manual_seed(0)  # the same weights on every (re)load
     with torch.device(setup.device):
         model = AutoModelForCausalLM.from_config(
-            config, torch_dtype=setup.dtype, attn_implementation=attn
+            config, dtype=setup.dtype, attn_implementation=attn
         )
     return model.eval()
 
