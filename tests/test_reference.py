@@ -28,13 +28,14 @@ def test_selection_reaches_alpha_minimally(inputs, config):
     q, k, _ = inputs
     scores, covered = reference_block_scores(q, k, config)
     stripes = reference_select(scores, covered, config)
-    kept = covered + (scores * stripes).sum(-1)
+    kept = covered.double() + (scores.double() * stripes).sum(-1)
     if config.alpha < 1.0:
         assert torch.all(kept >= config.alpha - 1e-5)
-        # Dropping the lowest-scoring stripe falls below alpha.
-        lowest = torch.where(stripes, scores, float("inf")).amin(-1)
+        # Dropping the lowest-scoring stripe falls below alpha (up to summation-order rounding:
+        # hypothesis finds alphas like 1 - 1e-16).
+        lowest = torch.where(stripes, scores.double(), float("inf")).amin(-1)
         has_stripes = stripes.any(-1)
-        assert torch.all((kept - lowest < config.alpha)[has_stripes])
+        assert torch.all((kept - lowest < config.alpha + 1e-9)[has_stripes])
     else:
         assert stripes.all()
 
