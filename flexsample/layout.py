@@ -34,10 +34,6 @@ class Layout:
     kernels: bool
 
     @property
-    def num_q_blocks(self) -> int:
-        return math.ceil(self.seq_len / self.config.q_block)
-
-    @property
     def num_kv_blocks(self) -> int:
         return math.ceil(self.seq_len / self.config.kv_block)
 

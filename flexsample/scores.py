@@ -7,8 +7,6 @@ O(B·Hq·n·chunk + B·Hq·nKV) and never S×S.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from flexsample.layout import Layout
@@ -78,7 +76,7 @@ def torch_tile_scores(
     row_of = rows.repeat(group)  # sampled row of each grouped query
 
     kvb = config.kv_block
-    num_kv_blocks = math.ceil(seq_len / kvb)
+    num_kv_blocks = layout.num_kv_blocks
     chunk = max(1, chunk_elements // max(1, batch * heads * n * kvb)) * kvb
 
     def chunk_logits(start: int) -> torch.Tensor:

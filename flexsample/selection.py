@@ -26,9 +26,10 @@ def select_stripes(
     granularity): `tiles` = (per-tile mass `[B, H, tiles, nKV]`, window mass `[B, H, tiles]`,
     rows per tile `[tiles]`) from `scores.tile_scores`.
     """
-    stripes = _shortest_prefix(scores, covered, config.alpha)
-    if config.max_stripe_ratio is not None:
-        stripes &= _rank(scores) < int(config.max_stripe_ratio * scores.shape[-1])
+    cap = (
+        None if config.max_stripe_ratio is None else int(config.max_stripe_ratio * scores.shape[-1])
+    )
+    stripes = _shortest_prefix(scores, covered, config.alpha, cap)
     if config.tile_alpha is None:
         return stripes
     if tiles is None:
@@ -38,8 +39,11 @@ def select_stripes(
     return stripes | per_tile.any(-2)
 
 
-def _shortest_prefix(scores: torch.Tensor, covered: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Blocks `[..., nKV]` of the shortest descending-score prefix with covered + kept >= alpha."""
+def _shortest_prefix(
+    scores: torch.Tensor, covered: torch.Tensor, alpha: float, cap: int | None = None
+) -> torch.Tensor:
+    """Blocks `[..., nKV]` of the shortest descending-score prefix with covered + kept >= alpha,
+    at most `cap` of them."""
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     # float64 running sum, covered first: the reference's exact sequence of additions, so
     # decisions at the alpha boundary match it.
@@ -47,12 +51,6 @@ def _shortest_prefix(scores: torch.Tensor, covered: torch.Tensor, alpha: float) 
     keep_sorted = torch.cumsum(running, -1) < alpha  # mass kept before each block
     if alpha >= 1.0:
         keep_sorted = torch.ones_like(keep_sorted)
+    if cap is not None:
+        keep_sorted &= torch.arange(scores.shape[-1], device=scores.device) < cap
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
-
-def _rank(scores: torch.Tensor) -> torch.Tensor:
-    """Position of each block in the descending-score order (ties: lower index first)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True)[1]
-    return torch.empty_like(order).scatter_(
-        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    )
