@@ -3,7 +3,10 @@
 One row per (length, mode). Modes (`--modes`, default all but `flexsample`):
 - `eager`: the model with transformers' SDPA attention, uncompiled.
 - `inductor`: `torch.compile(model, dynamic=True)` of the SDPA model (traced transformers
-  passes SDPA an explicit `[B, 1, S, S]` causal mask).
+  passes SDPA an explicit `[B, 1, S, S]` causal mask: its packing check cannot run traced).
+- `inductor causal`: the same with transformers' own SDPA function registered under a mask
+  function that builds no mask (`sdpa-causal`), so SDPA runs `is_causal=True` on its
+  flash/cuDNN kernels: the fastest dense compiled path a user can pick (a few lines).
 - `no-attention`: the same weights with attention replaced by a copy of v (the
   `copy-v` transformers attention function: v repeated to the query heads; its mask function
   builds no mask), compiled like `inductor`: the limit any attention speedup can reach.
@@ -14,6 +17,9 @@ One row per (length, mode). Modes (`--modes`, default all but `flexsample`):
 - `door ~10%` / `door default`: `flexsample.integrations.transformers.register(cfg)`, the
   model switched to `attn_implementation="flexsample"`, then `torch.compile(model,
   dynamic=True)` (inductor): the path that passes no S×S mask.
+- `door ~10% layers`: the same door, compiled by region: each decoder layer
+  `layer.compile(dynamic=True)` (one compiled graph shared by the 32 identical layers), the
+  rest eager: the compile-time option.
 Random weights give near-uniform attention, so the default config keeps almost every block:
 its rows measure overhead, not the benefit on a trained model.
 
@@ -74,19 +80,22 @@ COLUMNS = [
 ]
 PROFILE_COLUMNS = ["S", "mode", "part", "op", "device ms", "calls"]
 PART_COLUMNS = ["S", "mode", "part", "device ms", "share"]
-DENSE = ("eager", "inductor")
+DENSE = ("eager", "inductor", "inductor causal")
 DENSITIES = {"~5%": 0.05, "~10%": 0.1, "~20%": 0.2}
 MODES = [
     "eager",
     "inductor",
+    "inductor causal",
     "no-attention",
     *(f"flexsample {k}" for k in DENSITIES),
     "door ~10%",
+    "door ~10% layers",
     "door default",
 ]
 ALL_MODES = [*MODES, "flexsample"]
 PROFILED = ("eager", "door ~10%")
 COPY_V = "copy-v"
+SDPA_CAUSAL = "sdpa-causal"
 
 
 @dataclasses.dataclass
@@ -121,7 +130,7 @@ def smoke_setup() -> Setup:
 def config_of(mode: str, base: SampleConfig) -> SampleConfig:
     """The SampleConfig of a flexsample/door mode: fixed density, or `base` (default)."""
     for key, target in DENSITIES.items():
-        if mode.endswith(key):
+        if key in mode.split():
             return fixed_density(target, base)
     return base
 
@@ -169,6 +178,18 @@ def register_copy_v() -> str:
     return COPY_V
 
 
+def register_sdpa_causal() -> str:
+    """transformers' SDPA function under a mask function that builds no mask: SDPA then runs
+    is_causal=True (unpadded, uncached prefill only; what this benchmark runs)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SDPA_CAUSAL, sdpa_attention_forward)
+    AttentionMaskInterface.register(SDPA_CAUSAL, _no_mask)
+    return SDPA_CAUSAL
+
+
 class Models:
     """One model whose attention implementation is switched per mode: with
     `set_attn_implementation` where transformers has it (5.x), else by reloading."""
@@ -179,6 +200,8 @@ class Models:
         self.attn = "sdpa"
 
     def get(self, attn: str):
+        for layer in self.model.model.layers:  # undo a regional compile of an earlier mode
+            layer._compiled_call_impl = None
         if attn != self.attn:
             if hasattr(self.model, "set_attn_implementation"):
                 self.model.set_attn_implementation(attn)
@@ -218,6 +241,9 @@ def build(mode: str, models: Models, compiler: str = "inductor"):
         return models.get("sdpa"), None
     if mode == "inductor":
         return torch.compile(models.get("sdpa"), backend=compiler, dynamic=True), None
+    if mode == "inductor causal":
+        model = models.get(register_sdpa_causal())
+        return torch.compile(model, backend=compiler, dynamic=True), None
     if mode == "no-attention":
         model = models.get(register_copy_v())
         return torch.compile(model, backend=compiler, dynamic=True), None
@@ -230,6 +256,10 @@ def build(mode: str, models: Models, compiler: str = "inductor"):
 
         config = config_of(mode, base)
         model = models.get(register(config))  # re-registering replaces the config
+        if mode.endswith(" layers"):
+            for layer in model.model.layers:
+                layer.compile(backend=compiler, dynamic=True)
+            return model, config
         return torch.compile(model, backend=compiler, dynamic=True), config
     raise ValueError(f"unknown mode {mode!r}; known: {ALL_MODES}")
 
@@ -298,7 +328,7 @@ def measure_row(args, setup: Setup, mode: str, fn, config, seq_len: int, graphs:
         row["rewritten"] = report().rewritten
     if config is not None:
         row["paths"] = " ".join(f"{k}={v}" for k, v in sorted(flexsample.path_counts.items()))
-        fixed = any(mode.endswith(k) for k in DENSITIES)
+        fixed = any(k in mode.split() for k in DENSITIES)
         row["density"] = _measured_density(setup, config, seq_len) if fixed else "adaptive"
     return row
 

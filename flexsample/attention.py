@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexsample.block_mask import build_block_mask, kept_blocks
+from flexsample.block_mask import build_block_mask, kept_blocks, with_causal_mask_mod
 from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
@@ -177,10 +177,10 @@ def attention_with_mask(
 def _compiled_flex(backend: str):
     # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
     # compiled function per backend: recompiling one function between the Triton and FLASH
-    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). FLASH cannot
-    # take symbolic lengths (torch 2.11: "NYI: mask_mod captures a dynamic scalar" at the
-    # second length), so it compiles per length.
-    return torch.compile(flex_attention, dynamic=False if backend == "FLASH" else None)
+    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). Dynamic
+    # from the first call, so that one compile serves every length (`sparse_attention` hands
+    # it masks whose mask_mod captures nothing, which FLASH needs for symbolic lengths).
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def cpu_block_sparse_attention(
@@ -258,6 +258,9 @@ def sparse_attention(
     (`paths.dense_reason` is None): SampleAttention's mask, then attention under it.
     q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D(v)]` -> `[B, Hq, S, Dv]`."""
     block_mask = sample_block_mask(q, k, config, scale=scale)
+    options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
+    if q.is_cuda:
+        block_mask = with_causal_mask_mod(block_mask)  # one compiled flex for every length
     return attention_with_mask(
         q,
         k,
@@ -265,5 +268,5 @@ def sparse_attention(
         block_mask,
         scale=resolve_scale(q, scale),
         enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=kernel_options(q, config, k=k, v=v, block_mask=block_mask),
+        kernel_options=options,
     )

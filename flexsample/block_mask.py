@@ -58,6 +58,30 @@ def build_block_mask(
     )
 
 
+def with_causal_mask_mod(block_mask: BlockMask) -> BlockMask:
+    """The same block lists under a plain causal `mask_mod` that captures nothing.
+
+    Exact for flexsample's own masks only: their partial blocks are the diagonal ones, where
+    the sampled rule is the causal one. Flex's fused kernels read the mask_mod only on partial
+    blocks, and one that captures no tensor lets a single compiled flex serve every length
+    (FLASH raises "NYI: mask_mod captures a dynamic scalar" for `sampled_causal_mask_mod` at
+    a second length, torch 2.11).
+    """
+    return BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices,
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+        mask_mod=_causal,
+        seq_lengths=block_mask.seq_lengths,
+    )
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
 def torch_block_lists(
     stripes: torch.Tensor, layout: Layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

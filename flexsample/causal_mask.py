@@ -1,5 +1,6 @@
-"""The causal mask: is an SDPA `attn_mask` exactly causal, and building one where a dense path
-needs it (end-aligned, optionally combined with a `[B, Skv]` key padding mask).
+"""The causal mask: is an SDPA `attn_mask` exactly causal, the door's 2-D key masks (a
+`[B, Skv]` padding mask or packed-sequence ids), and building the S×S mask where a dense path
+needs it (end-aligned, optionally combined with a key mask).
 
 transformers builds an explicit mask instead of `is_causal=True` when it is traced (5.17
 does so for every causal model under torch.compile), so a compiled graph may pass a causal
@@ -71,18 +72,50 @@ def is_causal_mask(
 def causal_padding_mask(
     seq_q: int,
     seq_kv: int,
-    padding: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Bool `[B, 1, Sq, Skv]` (`[1, 1, Sq, Skv]` without `padding`): True where query row i may
-    see key j, causal aligned to the END of the keys (j <= Skv - Sq + i) and, with a bool
-    `padding` `[B, Skv]`, only where `padding[b, j]` is True (transformers' SDPA mask).
+    """Bool `[B, 1, Sq, Skv]` (`[1, 1, Sq, Skv]` without `keys`): True where query row i may
+    see key j, causal aligned to the END of the keys (j <= Skv - Sq + i) and, with a 2-D
+    `keys` `[B, Skv]`, only where it allows: a bool padding mask keeps the keys
+    where it is True (transformers' SDPA mask); integer sequence ids keep the keys of the
+    query's own sequence (packed sequences; query i is key Skv - Sq + i).
 
-    The one place a dense fallback builds an S×S mask from a causal rule or a padding mask;
-    the sparse path never calls it.
+    The one place a dense fallback builds an S×S mask from a causal rule, a padding mask or
+    sequence ids; the sparse path never calls it.
     """
-    device = padding.device if padding is not None else device
+    device = keys.device if keys is not None else device
     rows = torch.arange(seq_q, device=device) + (seq_kv - seq_q)
     mask = (torch.arange(seq_kv, device=device) <= rows[:, None])[None, None]
-    return mask if padding is None else mask & padding[:, None, None, :]
+    if keys is None:
+        return mask
+    if keys.dtype == torch.bool:
+        return mask & keys[:, None, None, :]
+    own = keys[:, seq_kv - seq_q :]
+    return mask & (own[:, None, :, None] == keys[:, None, None, :])
+
+
+def key_mask_error(mask: torch.Tensor, batch: int, seq_kv: int) -> str | None:
+    """What is wrong with a 2-D key mask for `[batch, seq_kv]` keys, or None."""
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.shape != (batch, seq_kv):
+        return (
+            f"a 2-D attn_mask is a bool [B, Skv] = [{batch}, {seq_kv}] padding mask or integer "
+            f"[B, Skv] sequence ids, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and bool((mask < 0).any()):
+        # The door's mark for a traced mask function it could not read as causal ∧ packed.
+        return (
+            "the transformers door got a traced mask that is neither causal nor causal within "
+            "packed sequences (negative sequence ids); pass an attention_mask or a cache, or "
+            "run this model uncompiled"
+        )
+    return None
+
+
+def keeps_every_key(mask: torch.Tensor) -> bool:
+    """True when a 2-D key mask changes nothing beyond causality: a padding mask keeping every
+    key, or sequence ids naming one sequence per batch row (an O(B·S) read)."""
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == mask[:, :1]).all())

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flexsample.attention import sparse_attention, validate_inputs
-from flexsample.causal_mask import causal_padding_mask
+from flexsample.causal_mask import causal_padding_mask, key_mask_error
 from flexsample.config import SampleConfig
 from flexsample.paths import dense_reason, record
 
@@ -57,22 +57,21 @@ def sample_attention_op(
     unequal lengths keep SDPA's TOP-LEFT alignment, since the op replaces such SDPA calls.
     With an SDPA mask (3 or 4 dims) it is `scaled_dot_product_attention(q, k, v,
     attn_mask=attn_mask, ...)`, sparse only when the mask is exactly causal over equal
-    lengths. A 2-D `attn_mask` is a bool `[B, Skv]` key padding mask (the transformers door's,
-    True = keep): causal aligned to the END of the keys and padding, sparse when it keeps every
-    key; the `[B, 1, Sq, Skv]` mask is built only for the dense path. `site` names the call
+    lengths. A 2-D `attn_mask` `[B, Skv]` is one of the transformers door's key masks, causal
+    aligned to the END of the keys: a bool padding mask (True = keep), sparse when it keeps
+    every key, or integer packed-sequence ids (a query sees its own sequence's keys; what a
+    traced prefill with position ids gets), sparse when each batch row is one sequence; the
+    `[B, 1, Sq, Skv]` mask is built only for the dense path. `site` names the call
     site for `site_paths` (the compiler pass's report).
     """
     validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale, longer_query=True)
-    padding = attn_mask is not None and attn_mask.dim() == 2
-    if padding and (attn_mask.dtype != torch.bool or attn_mask.shape != (q.shape[0], k.shape[2])):
-        raise ValueError(
-            f"a 2-D attn_mask is a bool [B, Skv] = [{q.shape[0]}, {k.shape[2]}] padding mask, "
-            f"got {attn_mask.dtype} {tuple(attn_mask.shape)}"
-        )
+    key_mask = attn_mask is not None and attn_mask.dim() == 2
+    if key_mask and (error := key_mask_error(attn_mask, q.shape[0], k.shape[2])) is not None:
+        raise ValueError(error)
     reason = dense_reason(q, k, _config_from_str(config), attn_mask)
     site_paths[site][record(reason, tuple(q.shape))] += 1
     if reason is not None:
-        if padding:
+        if key_mask:
             attn_mask = causal_padding_mask(q.shape[2], k.shape[2], attn_mask)
         out = F.scaled_dot_product_attention(
             q,
@@ -86,9 +85,14 @@ def sample_attention_op(
     else:
         # transformers hands over transposed views ([B, S, H, D] memory); the score kernel
         # and flex run ~1.5x slower on them at 128K (bench/op_path.py) than the copy costs.
-        out = sparse_attention(
-            *(t.contiguous() for t in (q, k, v)), _config_from_str(config), scale=scale
-        )
+        # A custom op runs with ADInplaceOrView in or out of the dispatch set depending on
+        # its caller (eager, or a compiled graph's first or later call); the compiled flex
+        # inside guards on that set and recompiled on each flip (torch 2.11, TORCH_LOGS=
+        # recompiles in bench/ttft.py), so fix it here: the op has no autograd anyway.
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out = sparse_attention(
+                *(t.contiguous() for t in (q, k, v)), _config_from_str(config), scale=scale
+            )
     # Most calls already return q's layout: compare strides on a meta tensor, so that the
     # real output-sized buffer exists only when a copy is needed.
     if out.stride() == _empty_like_query(q, v.shape[-1], "meta").stride():

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from flexsample.causal_mask import is_causal_mask
+from flexsample.causal_mask import is_causal_mask, keeps_every_key
 from flexsample.config import SampleConfig
 
 logger = logging.getLogger("flexsample")
@@ -32,10 +32,11 @@ def dense_reason(
     """Why valid inputs q `[B, Hq, Sq, D]`, k `[B, Hkv, Skv, D]` (and a mask, if any) run
     dense, or None when the sparse path applies.
 
-    `attn_mask` is an SDPA mask (3 or 4 dims), or a 2-D bool `[B, Skv]` key padding mask (the
-    transformers door's format, True = keep). Cheap checks first; a given mask is read last:
-    an SDPA mask runs sparse only if exactly causal, a padding mask only if it keeps every key
-    (an O(B·S) read; padded batches keep SDPA's answer).
+    `attn_mask` is an SDPA mask (3 or 4 dims), or a 2-D `[B, Skv]` key mask (the transformers
+    door's formats: bool padding, True = keep, or integer packed-sequence ids). Cheap checks
+    first; a given mask is read last: an SDPA mask runs sparse only if exactly causal, a key
+    mask only if it keeps every key (an O(B·S) read; padded or packed batches keep SDPA's
+    answer).
     """
     if q.shape[2] != k.shape[2]:
         return "q_len!=kv_len"
@@ -48,7 +49,9 @@ def dense_reason(
     if attn_mask is None:
         return None
     if attn_mask.dim() == 2:
-        return None if bool(attn_mask.all()) else "padding"
+        if keeps_every_key(attn_mask):
+            return None
+        return "padding" if attn_mask.dtype == torch.bool else "packed sequences"
     return None if is_causal_mask(attn_mask) else "mask"
 
 

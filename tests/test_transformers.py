@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import flexsample
 from flexsample import SampleConfig
-from flexsample.integrations.transformers import register
+from flexsample.integrations.transformers import packed_sequence_ids, register
 
 from models import CONFIGS, tiny_model
 
@@ -104,19 +104,27 @@ def test_training_step_gradients_equal_eager(door):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("given", [False, True], ids=["no-attention-mask", "all-ones-mask"])
+@pytest.mark.parametrize(
+    "given", ["no-attention-mask", "all-ones-mask", "no-cache"], ids=lambda given: given
+)
 def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
     """Traced transformers builds a [B, 1, S, S] causal mask for SDPA's mask function; the
-    door's mask function hands the op None or the [B, S] padding mask instead, which the op
-    reads in O(B·S) and runs sparse. S = 512: S×S elements is 4x the largest activation
-    (MLP, 128 x 512), so no tensor of the compiled graph may have that many."""
+    door's mask function hands the op None, the [B, S] padding mask or (no cache and no
+    padding mask: transformers' packing check, which cannot run traced) [B, S] sequence ids
+    instead, which the op reads in O(B·S) and runs sparse. S = 512: S×S elements is 4x the
+    largest activation (MLP, 128 x 512), so no tensor of the compiled graph may have that
+    many."""
     from torch._inductor.compile_fx import compile_fx
 
     register(SPARSE)
     length = 512
     model = tiny_model("llama", attn_implementation="flexsample")
     ids = _ids(length=length)
-    kwargs = {"attention_mask": torch.ones_like(ids)} if given else {}
+    kwargs = {
+        "no-attention-mask": {},
+        "all-ones-mask": {"attention_mask": torch.ones_like(ids)},
+        "no-cache": {"use_cache": False},
+    }[given]
     sizes = {}
 
     def inductor_recording_sizes(gm, example_inputs):
@@ -133,7 +141,48 @@ def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
         flexsample.path_counts.clear()
         compiled = torch.compile(model, fullgraph=True, backend=inductor_recording_sizes)
         got = compiled(ids, **kwargs).logits
-    assert op_masks == [(1, length) if given else None] * 2
+    assert op_masks == [None if given == "no-attention-mask" else (1, length)] * 2
     assert sizes and max(sizes.values()) < length * length, max(sizes.items(), key=lambda x: x[1])
     assert flexsample.path_counts == {"sparse": 2}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_packed_sequences_run_dense_and_match_eager():
+    """Traced without cache or padding mask, transformers cannot tell packed sequences from
+    one: the door hands the op sequence ids, which it reads at run time (dense for packed
+    rows, sparse for the rest), so a packed batch keeps the eager model's answer."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    register(SPARSE)
+    model = tiny_model("llama", attn_implementation="flexsample")
+    ids = _ids(batch=2, length=320)
+    positions = torch.stack([torch.arange(320), torch.cat([torch.arange(120), torch.arange(200)])])
+    expected_model = tiny_model("llama", attn_implementation="sdpa")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = expected_model(ids, position_ids=positions, use_cache=False).logits
+        flexsample.path_counts.clear()
+        compiled = torch.compile(model, fullgraph=True)
+        got = compiled(ids, position_ids=positions, use_cache=False).logits
+        assert flexsample.path_counts == {"dense:packed sequences": 2}
+        plain = compiled(ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got[1], plain[1], atol=1e-3)  # packing changed row 1
+    seq_ids = packed_sequence_ids(
+        and_masks(causal_mask_function, lambda b, h, q, kv: (q < 120) == (kv < 120)), 1, 320, None
+    )
+    assert seq_ids.tolist() == [[0] * 120 + [1] * 200]
+
+
+def test_unreadable_traced_mask_is_refused_not_guessed():
+    """A mask function that lets a token see the next one (e.g. a bidirectional block) is not
+    causal ∧ packed: the door marks it and the op raises instead of running a causal guess."""
+    from transformers.masking_utils import and_masks, causal_mask_function, or_masks
+
+    bidirectional_block = or_masks(causal_mask_function, lambda b, h, q, kv: (q < 8) & (kv < 8))
+    seq_ids = packed_sequence_ids(and_masks(bidirectional_block), 1, 64, None)
+    assert (seq_ids == -1).all()
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="neither causal nor causal within packed"):
+        torch.ops.flexsample.sample_attention(q, q, q, seq_ids, None, False, "{}", "")

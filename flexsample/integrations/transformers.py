@@ -19,15 +19,21 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    and_masks,
+    causal_mask_function,
+    sdpa_mask,
+)
 from transformers.utils.import_utils import is_tracing
 
-from flexsample.causal_mask import causal_padding_mask
+from flexsample.causal_mask import causal_padding_mask, key_mask_error
 from flexsample.config import SampleConfig, as_config
 from flexsample.op import config_to_str
 from flexsample.paths import dense_reason
@@ -219,6 +225,9 @@ def fallback_mask(
     `[B or 1, 1, Sq, Skv]` mask in the query's dtype (0 kept, dtype min dropped)."""
     if mask is None and not additive:
         return None  # the SDPA function runs is_causal=True itself
+    if mask is not None and mask.dim() == 2:
+        if (error := key_mask_error(mask, query.shape[0], key.shape[2])) is not None:
+            raise ValueError(error)
     if mask is None or mask.dim() == 2:
         mask = causal_padding_mask(query.shape[2], key.shape[2], mask, device=query.device)
     if not additive or mask.dtype != torch.bool:
@@ -244,9 +253,12 @@ def flexsample_mask(
 
     A plain causal prefill gets nothing S×S, as transformers' flash-attention door: None
     without padding, else the `[B, S]` padding mask, also when traced (where its values cannot
-    be read), for the op to check in O(B·S). Every other mask (sliding window, chunked,
-    bidirectional, packed sequences, materialised on request, cached chunks and decode steps)
-    is `sdpa_mask`'s: None or bool `[B, 1, Sq, Skv]`.
+    be read), for the op to check in O(B·S). A traced prefill with position ids and neither
+    padding nor cache gets transformers' causal ∧ packed-sequence function (its packing check
+    cannot run under tracing): that one becomes `[B, S]` integer sequence ids
+    (`packed_sequence_ids`), which the op checks in O(B·S) too. Every other mask (sliding
+    window, chunked, bidirectional, packed sequences in eager code, materialised on request,
+    cached chunks and decode steps) is `sdpa_mask`'s: None or bool `[B, 1, Sq, Skv]`.
     """
     plain_prefill = (
         mask_function is causal_mask_function
@@ -258,6 +270,10 @@ def flexsample_mask(
         and q_length == kv_length
         and (attention_mask is None or attention_mask.shape[-1] == kv_length)
     )
+    if is_tracing() and _may_be_packed_causal(
+        mask_function, attention_mask, local_size, q_offset, kv_offset, q_length, kv_length, kwargs
+    ):
+        return packed_sequence_ids(mask_function, batch_size, q_length, kwargs.get("device"))
     if not plain_prefill:
         return sdpa_mask(
             batch_size=batch_size,
@@ -287,3 +303,52 @@ def register(config: SampleConfig | None = None, name: str = NAME) -> str:
     AttentionInterface.register(name, make_attention_forward(config))
     AttentionMaskInterface.register(name, flexsample_mask)
     return name
+
+
+#: transformers' `and_masks(...)` result, which a traced packing check always builds.
+_AND_MASK = and_masks(causal_mask_function).__qualname__
+
+
+def _may_be_packed_causal(
+    mask_function: Callable,
+    attention_mask: torch.Tensor | None,
+    local_size: int | None,
+    q_offset: int | torch.Tensor,
+    kv_offset: int,
+    q_length: int,
+    kv_length: int,
+    kwargs: dict,
+) -> bool:
+    """Whether a traced mask request has the shape of transformers' causal ∧ packed-sequence
+    mask of a prefill: an `and_masks` function (its parts cannot be read under tracing) with
+    no padding, cache, window, or user and/or mask function (those set `use_vmap`)."""
+    return (
+        # Not getattr(..., default): dynamo (torch 2.13) answers the default for a function
+        # built in the traced code.
+        isinstance(mask_function, types.FunctionType)
+        and mask_function.__qualname__ == _AND_MASK
+        and not kwargs.get("use_vmap", False)
+        and attention_mask is None
+        and local_size is None
+        and not isinstance(q_offset, torch.Tensor)
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+    )
+
+
+def packed_sequence_ids(
+    mask_function: Callable, batch_size: int, length: int, device: torch.device | str | None
+) -> torch.Tensor:
+    """Integer `[B, S]` sequence ids of a causal ∧ packed-sequence mask function, read from it
+    in O(B·S): token i starts a new sequence where it may not see token i - 1. A function that
+    lets any token see the next one is not of that form (e.g. a bidirectional image block):
+    its batch rows get -1, which the op refuses with an error rather than guess the mask."""
+    batch = torch.arange(batch_size, device=device)[:, None]
+    head = torch.zeros((), dtype=torch.long, device=device)
+    index = torch.arange(1, length, device=device)[None, :]
+    joined = mask_function(batch, head, index, index - 1).expand(batch_size, length - 1)
+    ahead = mask_function(batch, head, index - 1, index).expand(batch_size, length - 1)
+    starts = torch.cat([torch.zeros_like(joined[:, :1]), ~joined], dim=1)
+    ids = starts.cumsum(-1)
+    return torch.where(ahead.any(-1, keepdim=True), -1, ids)
