@@ -177,10 +177,12 @@ def attention_with_mask(
 def _compiled_flex(backend: str):
     # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
     # compiled function per backend: recompiling one function between the Triton and FLASH
-    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). Dynamic
-    # from the first call, so that one compile serves every length (`sparse_attention` hands
-    # it masks whose mask_mod captures nothing, which FLASH needs for symbolic lengths).
-    return torch.compile(flex_attention, dynamic=True)
+    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). Triton:
+    # dynamic from the first call, so that one compile serves every length. FLASH cannot take
+    # symbolic lengths (torch 2.11 raises "NYI: score_mod or mask_mod captures a dynamic
+    # scalar" even for a mask_mod that captures nothing: the sequence lengths reach it), so it
+    # compiles once per length.
+    return torch.compile(flex_attention, dynamic=False if backend == "FLASH" else True)
 
 
 def cpu_block_sparse_attention(
@@ -260,7 +262,7 @@ def sparse_attention(
     block_mask = sample_block_mask(q, k, config, scale=scale)
     options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
     if q.is_cuda:
-        block_mask = with_causal_mask_mod(block_mask)  # one compiled flex for every length
+        block_mask = with_causal_mask_mod(block_mask)
     return attention_with_mask(
         q,
         k,

@@ -75,6 +75,7 @@ def with_causal_mask_mod(block_mask: BlockMask) -> BlockMask:
         BLOCK_SIZE=block_mask.BLOCK_SIZE,
         mask_mod=_causal,
         seq_lengths=block_mask.seq_lengths,
+        compute_q_blocks=False,  # forward only; its vmap fails under the op's dispatch guard
     )
 
 
