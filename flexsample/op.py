@@ -88,8 +88,9 @@ def sample_attention_op(
         # A custom op runs with ADInplaceOrView in or out of the dispatch set depending on
         # its caller (eager, or a compiled graph's first or later call); the compiled flex
         # inside guards on that set and recompiled on each flip (torch 2.11, TORCH_LOGS=
-        # recompiles in bench/ttft.py), so fix it here: the op has no autograd anyway.
-        with torch._C._AutoDispatchBelowADInplaceOrView():
+        # recompiles in bench/ttft.py), so fix it here, and the grad mode it guards on too:
+        # the op has no autograd anyway.
+        with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
             out = sparse_attention(
                 *(t.contiguous() for t in (q, k, v)), _config_from_str(config), scale=scale
             )

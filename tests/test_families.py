@@ -15,7 +15,7 @@ from flexsample import SampleConfig
 from flexsample.compile import report, reset_report
 from flexsample.integrations.transformers import register
 
-from models import FAMILIES, tiny_family
+from models import ENCODERS, FAMILIES, tiny_family
 
 #: Every block kept: the sparse path is dense attention, in another summation order.
 EXACT = SampleConfig(min_seq_len=16, q_block=16, kv_block=16, alpha=1.0)
@@ -241,3 +241,18 @@ def test_sliding_window_keeps_sdpa_mask_and_equals_eager(op_masks, family, compi
     diff = _max_diff(got[keep], expected[keep])
     assert diff <= TOL, f"{family}: max |flexsample - eager| = {diff:.3g} (real tokens)"
     assert op_masks == ([] if family == "mistral" else [tuple(ids.shape)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bert", "modernbert"])
+def test_compiled_door_without_cache_or_mask_equals_eager(family):
+    """Traced with neither cache nor padding mask, transformers hands the door a mask function
+    it builds in the traced code (its packing check); the door reads it as sequence ids only
+    where it is that one: windowed and bidirectional families still equal eager."""
+    register(EXACT)
+    ids = _ids(batch=2)
+    kwargs = {} if family in ENCODERS else {"use_cache": False}
+    expected = _logits(tiny_family(family, "eager"), ids, **kwargs)
+    got = _logits(_door(family, compiled=True), ids, **kwargs)
+    diff = _max_diff(got, expected)
+    assert diff <= TOL, f"{family}: max |compiled door - eager| = {diff:.3g}"

@@ -27,7 +27,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
-    and_masks,
+    bidirectional_mask_function,
     causal_mask_function,
     sdpa_mask,
 )
@@ -305,10 +305,6 @@ def register(config: SampleConfig | None = None, name: str = NAME) -> str:
     return name
 
 
-#: transformers' `and_masks(...)` result, which a traced packing check always builds.
-_AND_MASK = and_masks(causal_mask_function).__qualname__
-
-
 def _may_be_packed_causal(
     mask_function: Callable,
     attention_mask: torch.Tensor | None,
@@ -320,13 +316,15 @@ def _may_be_packed_causal(
     kwargs: dict,
 ) -> bool:
     """Whether a traced mask request has the shape of transformers' causal ∧ packed-sequence
-    mask of a prefill: an `and_masks` function (its parts cannot be read under tracing) with
-    no padding, cache, window, or user and/or mask function (those set `use_vmap`)."""
+    mask of a prefill: a function built in the traced code (not the module-level causal or
+    bidirectional one) with no padding, cache, window, or user and/or mask function (those
+    set `use_vmap`). Its parts cannot be read under tracing (dynamo neither reads closures
+    nor, in torch 2.11, compares a nested function's name), so `packed_sequence_ids` checks
+    the one other form transformers builds here (bidirectional blocks) by its values."""
     return (
-        # Not getattr(..., default): dynamo (torch 2.13) answers the default for a function
-        # built in the traced code.
         isinstance(mask_function, types.FunctionType)
-        and mask_function.__qualname__ == _AND_MASK
+        and mask_function is not causal_mask_function
+        and mask_function is not bidirectional_mask_function
         and not kwargs.get("use_vmap", False)
         and attention_mask is None
         and local_size is None
