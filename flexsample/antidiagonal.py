@@ -93,10 +93,7 @@ def antidiagonal_scores(
         m0, m1 = first * per_q, last * per_q
         keys = min(-(-m1 // per_kv) * per_kv, num_strided)  # whole key blocks up to the chunk
         logits = q_strided[:, :, :, m0:m1] @ k_strided[:, :, None, :keys].transpose(-1, -2)
-        future = (
-            torch.arange(m0, keys, device=q.device) > torch.arange(m0, m1, device=q.device)[:, None]
-        )
-        logits[..., m0:].masked_fill_(future, float("-inf"))
+        logits[..., m0:].masked_fill_(_future(m0, m1, keys, q.device), float("-inf"))
         cells = q_cells[:, :, :, m0:m1].float() * k_cells[:, :, None, m0:m1].float()
         on_diag = torch.where(causal[m0:m1], cells.sum(-1), 0.0).sum(-1) * diag_rescale[m0:m1]
         on_diag = on_diag.masked_fill(diag_count[m0:m1] == 0, float("-inf"))
@@ -111,6 +108,11 @@ def antidiagonal_scores(
         width = min(num_kv, mass.shape[-1])
         est[:, :, first:last, :width] = mass[..., :width]
     return est
+
+
+def _future(m0: int, m1: int, keys: int, device: torch.device) -> torch.Tensor:
+    """`[m1 - m0, keys - m0]` bool: strided key m0 + j lies after strided row m0 + i."""
+    return torch.arange(m0, keys, device=device) > torch.arange(m0, m1, device=device)[:, None]
 
 
 def select_blocks(est: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
