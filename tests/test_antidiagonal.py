@@ -218,3 +218,20 @@ def test_antidiagonal_options_are_checked():
         SampleConfig(estimator="antidiagonal", max_stripe_ratio=0.1)
     with pytest.raises(ValueError, match=r"stride=32 .* q_block=16 and kv_block=64, one of"):
         SampleConfig(stride=32, q_block=16, kv_block=64)
+
+
+@pytest.mark.slow
+def test_mask_build_compiles_fullgraph_without_recompiles():
+    from torch._dynamo.utils import counters
+
+    config = SampleConfig(estimator="antidiagonal", alpha=0.8, q_block=16, kv_block=16)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q, k: kept_blocks(sample_block_mask(q, k, config)), fullgraph=True
+    )
+    counters.clear()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(1, 4, 100, 16, generator=gen), torch.randn(1, 2, 100, 16, generator=gen)
+        assert torch.equal(compiled(q, k), kept_blocks(sample_block_mask(q, k, config)))
+    assert counters["stats"]["unique_graphs"] == 1
