@@ -92,14 +92,17 @@ def antidiagonal_scores(
         last = min(num_q, first + blocks)
         m0, m1 = first * per_q, last * per_q
         keys = min(-(-m1 // per_kv) * per_kv, num_strided)  # whole key blocks up to the chunk
-        logits = q_strided[:, :, :, m0:m1] @ k_strided[:, :, None, :keys].transpose(-1, -2)
+        # The group folded into the rows: one [group*rows, s*D] x [s*D, keys] matmul per KV
+        # head (a broadcast k would be copied per query head by matmul).
+        chunk = q_strided[:, :, :, m0:m1].flatten(2, 3)
+        logits = (chunk @ k_strided[:, :, :keys].transpose(-1, -2)).unflatten(2, (group, -1))
         logits[..., m0:].masked_fill_(_future(m0, m1, keys, q.device), float("-inf"))
         cells = q_cells[:, :, :, m0:m1].float() * k_cells[:, :, None, m0:m1].float()
         on_diag = torch.where(causal[m0:m1], cells.sum(-1), 0.0).sum(-1) * diag_rescale[m0:m1]
         on_diag = on_diag.masked_fill(diag_count[m0:m1] == 0, float("-inf"))
         logits[..., m0:].diagonal(dim1=-2, dim2=-1).copy_(on_diag)
         probs = torch.softmax(logits, -1, dtype=torch.float32)
-        if m0 == 0:  # strided row 0 may have no scored cell (S < s/2): it weighs nothing
+        if m0 == 0:  # strided row 0 has no scored cell if S <= s/2: it weighs nothing
             probs[..., 0, :].nan_to_num_(0.0)
         if m1 > real_strided:  # rows past S: their (uniform) softmax weighs nothing
             probs[..., max(0, real_strided - m0) :, :] = 0

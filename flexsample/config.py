@@ -62,7 +62,8 @@ class SampleConfig:
         antidiagonal (s query rows against s keys, one dot product of length s*D), so scoring
         costs ~1/s of attention's QK^T. A power of two dividing q_block and kv_block.
     local_blocks: antidiagonal mode: key blocks kept before each query block's diagonal block
-        regardless of the estimate (a local core), an integer >= 0.
+        regardless of the estimate (a local core), an integer >= 0. 1 is a guess (rows at the
+        start of a block find their nearest keys in the block before), pending the GPU judge.
     """
 
     alpha: float = 0.95
