@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from bench.dense import dense_baselines
-from bench.harness import RESULTS, progress, time_ms, write_results
+from bench.harness import RESULTS, add_antidiagonal_arguments, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
 from flexsample.flex_backend import flash_unavailable_reason, kernel_options
@@ -110,16 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072]
     )
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
-    parser.add_argument(
-        "--strides", type=int, nargs="*", default=[8], help="antidiagonal estimator strides"
-    )
-    parser.add_argument(
-        "--antidiagonal-alphas",
-        type=float,
-        nargs="+",
-        default=[0.9],
-        help="alphas of the antidiagonal estimator rows",
-    )
+    add_antidiagonal_arguments(parser, strides=[8], alphas=[0.9])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run, no GPU needed")
     parser.add_argument(
         "--backends",

@@ -20,7 +20,14 @@ import dataclasses
 import torch
 
 from bench.dense import dense_baselines
-from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_results
+from bench.harness import (
+    RESULTS,
+    add_antidiagonal_arguments,
+    peak_memory_mib,
+    progress,
+    time_ms,
+    write_results,
+)
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.antidiagonal import antidiagonal_scores, select_blocks
 from flexsample.attention import attention_with_mask
@@ -31,9 +38,8 @@ from flexsample.scores import block_scores
 from flexsample.selection import select_stripes
 from flexsample.synthetic import structured_qkv
 
-MAIN_COLUMNS = [
-    "S",
-    "layout ms",
+#: The mask build's stages, the build end to end, and the attention under the mask.
+BUILD_COLUMNS = [
     "scores ms",
     "select ms",
     "BlockMask ms",
@@ -43,6 +49,11 @@ MAIN_COLUMNS = [
     "build/attn",
     "peak MiB",
     "density",
+]
+MAIN_COLUMNS = [
+    "S",
+    "layout ms",
+    *BUILD_COLUMNS,
     "SDPA cuDNN ms",
     "SDPA flash ms",
     "SDPA default ms",
@@ -66,15 +77,7 @@ ANTIDIAGONAL_COLUMNS = [
     "S",
     "stride",
     "alpha",
-    "scores ms",
-    "select ms",
-    "BlockMask ms",
-    "mask build ms",
-    "sparse attn ms",
-    "total ms",
-    "build/attn",
-    "peak MiB",
-    "density",
+    *BUILD_COLUMNS,
     "x vs cuDNN",
     "CRA mean",
     "CRA worst head",
@@ -132,16 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.04])
-    parser.add_argument(
-        "--strides", type=int, nargs="*", default=[8, 16], help="antidiagonal estimator strides"
-    )
-    parser.add_argument(
-        "--antidiagonal-alphas",
-        type=float,
-        nargs="+",
-        default=[0.9],
-        help="alphas of the antidiagonal estimator",
-    )
+    add_antidiagonal_arguments(parser, strides=[8, 16], alphas=[0.9])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run, no GPU needed")
     args = parser.parse_args(argv)
 

@@ -49,7 +49,7 @@ import flexsample
 from bench import train_realtext
 from bench.accuracy import evaluate as mask_accuracy
 from bench.corpus import CorpusConfig, build_corpus
-from bench.harness import RESULTS, progress, write_results
+from bench.harness import RESULTS, add_antidiagonal_arguments, progress, write_results
 from bench.niah import DensityLog, baseline_attention, recording_flexsample
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.baselines import (
@@ -224,20 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0.5, 0.8, 0.9],
         help="SampleConfig.tile_alpha values to run at the default alpha (the CRA rule over tiles)",
     )
-    parser.add_argument(
-        "--antidiagonal-alphas",
-        type=float,
-        nargs="*",
-        default=[0.5, 0.7, 0.9],
-        help="alphas of the antidiagonal estimator (SampleConfig.estimator='antidiagonal')",
-    )
-    parser.add_argument(
-        "--strides",
-        type=int,
-        nargs="+",
-        default=[8, 16],
-        help="SampleConfig.stride values of the antidiagonal rows",
-    )
+    add_antidiagonal_arguments(parser, strides=[8, 16], alphas=[0.5, 0.7, 0.9])
     parser.add_argument(
         "--local-blocks",
         type=int,
