@@ -3,7 +3,8 @@
 Llama-3-8B attention shape (B 1, Hq 32, Hkv 8, D 128, bf16, causal) at S = 8K-128K, on
 `flexsample.synthetic.structured_qkv` inputs. Rows: the default config (adaptive density), and
 fixed densities of about 5/10/20/40% (alpha = 1 with a window and a stripe cap, so the
-density is set by the config, not the input; the measured density is in the row). Columns:
+density is set by the config, not the input; the measured density is in the row), and the
+antidiagonal estimator (ALGORITHM §9) at each `--strides` x `--antidiagonal-alphas`. Columns:
 dense baselines (`bench.dense`), mask build, sparse attention, total, density, speedup of the
 total vs each baseline, and efficiency = density x dense flex time / sparse time (1 = the
 sparse kernel runs the kept blocks as fast as dense flex runs all of them). Column "backend":
@@ -22,7 +23,7 @@ import dataclasses
 import torch
 
 from bench.dense import dense_baselines
-from bench.harness import RESULTS, progress, time_ms, write_results
+from bench.harness import RESULTS, add_antidiagonal_arguments, progress, time_ms, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
 from flexsample.flex_backend import flash_unavailable_reason, kernel_options
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072]
     )
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    add_antidiagonal_arguments(parser, strides=[8], alphas=[0.9])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run, no GPU needed")
     parser.add_argument(
         "--backends",
@@ -126,9 +128,17 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = RESULTS
     heads, kv_heads, dim = shape
     base = SampleConfig(min_seq_len=0)
-    configs = {"default": base} | {
-        f"~{round(100 * d)}%": fixed_density(d, base) for d in args.densities
-    }
+    configs = (
+        {"default": base}
+        | {f"~{round(100 * d)}%": fixed_density(d, base) for d in args.densities}
+        | {
+            f"antidiag a={a} s={s}": dataclasses.replace(
+                base, estimator="antidiagonal", alpha=a, stride=s
+            )
+            for s in args.strides
+            for a in args.antidiagonal_alphas
+        }
+    )
     backends, flash_note = args.backends, None
     if backends is None:
         probe = torch.empty(1, heads, 1, dim, dtype=dtype, device=device)
@@ -161,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         f"D={dim}, {dtype}. Head kinds local/stripe/diffuse in turn: the diffuse third keeps "
         "most blocks at alpha 0.95, which bounds the default config's density from below.",
         f"'default' is {base}; '~d%' rows are alpha=1, window_ratio=d/5, "
-        "max_stripe_ratio=d/2.2 (density measured, in the row).",
+        "max_stripe_ratio=d/2.2 (density measured, in the row); 'antidiag a=x s=y' rows are "
+        "estimator='antidiagonal', alpha=x, stride=y (ALGORITHM §9).",
         "Times are medians of triton.testing.do_bench. 'mask build' is sample_block_mask end "
         "to end (scores kernel, selection, BlockMask); 'total' = mask build + sparse attention; "
         "speedups are of the total. 'build share' = mask build / total.",

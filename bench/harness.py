@@ -58,6 +58,21 @@ def environment() -> dict[str, str]:
     return env
 
 
+def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float]) -> None:
+    """`--strides` and `--antidiagonal-alphas`: the antidiagonal estimator's rows of a benchmark
+    (`SampleConfig(estimator="antidiagonal")`, ALGORITHM §9); none with `--strides` alone."""
+    parser.add_argument(
+        "--strides", type=int, nargs="*", default=strides, help="SampleConfig.stride values"
+    )
+    parser.add_argument(
+        "--antidiagonal-alphas",
+        type=float,
+        nargs="+",
+        default=alphas,
+        help="alphas of the antidiagonal estimator",
+    )
+
+
 def time_ms(fn: Callable[[], object], *, warmup_ms: float = 100, rep_ms: float = 500) -> float:
     """Median milliseconds of `fn()` after warm-up: CUDA events via do_bench, else a host clock."""
     if torch.cuda.is_available():

@@ -4,7 +4,10 @@ For each S: stage-1 scores, selection, BlockMask construction, their total (the 
 timed end to end), sparse flex_attention with that mask, build + attention, dense baselines
 (SDPA cuDNN and flash on K/V expanded to 32 heads, SDPA default with enable_gqa, dense flex with
 full blocks), peak memory of the mask build, density. Then a sample-ratio sweep: overhead vs
-true CRA (estimated on 1024 evenly spaced rows). Writes bench/results/mask_build.{md,json}.
+true CRA (estimated on 1024 evenly spaced rows). Then the antidiagonal estimator (ALGORITHM §9)
+at each `--strides` x `--antidiagonal-alphas`: its stages (strided scores, per-block selection,
+BlockMask), build vs its own sparse attention, total vs cuDNN, density and true CRA.
+Writes bench/results/mask_build.{md,json}.
 
 GPU: `python -m bench.mask_build`; CPU smoke run: `python -m bench.mask_build --cpu-smoke`.
 """
@@ -17,19 +20,26 @@ import dataclasses
 import torch
 
 from bench.dense import dense_baselines
-from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_results
+from bench.harness import (
+    RESULTS,
+    add_antidiagonal_arguments,
+    peak_memory_mib,
+    progress,
+    time_ms,
+    write_results,
+)
 from flexsample import SampleConfig, sample_block_mask
+from flexsample.antidiagonal import antidiagonal_scores, select_blocks
 from flexsample.attention import attention_with_mask
-from flexsample.block_mask import build_block_mask, kept_blocks
+from flexsample.block_mask import build_block_mask, keep_block_mask, kept_blocks
 from flexsample.layout import make_layout, use_kernels
 from flexsample.metrics import density, true_cra
 from flexsample.scores import block_scores
 from flexsample.selection import select_stripes
 from flexsample.synthetic import structured_qkv
 
-MAIN_COLUMNS = [
-    "S",
-    "layout ms",
+#: The mask build's stages, the build end to end, and the attention under the mask.
+BUILD_COLUMNS = [
     "scores ms",
     "select ms",
     "BlockMask ms",
@@ -39,6 +49,11 @@ MAIN_COLUMNS = [
     "build/attn",
     "peak MiB",
     "density",
+]
+MAIN_COLUMNS = [
+    "S",
+    "layout ms",
+    *BUILD_COLUMNS,
     "SDPA cuDNN ms",
     "SDPA flash ms",
     "SDPA default ms",
@@ -58,20 +73,46 @@ SWEEP_COLUMNS = [
     "CRA worst head",
     "CRA p1",
 ]
+ANTIDIAGONAL_COLUMNS = [
+    "S",
+    "stride",
+    "alpha",
+    *BUILD_COLUMNS,
+    "x vs cuDNN",
+    "CRA mean",
+    "CRA worst head",
+    "CRA p1",
+]
 
 
-def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
+def _stages(q, k, config) -> dict:
+    """The mask build's stages as thunks, each on the previous stage's result, by column."""
     scale = q.shape[-1] ** -0.5
     seq_len = q.shape[2]
+    if config.estimator == "antidiagonal":
+        est = antidiagonal_scores(q, k, config, scale)
+        keep = select_blocks(est, seq_len, config)
+        return {
+            "scores ms": lambda: antidiagonal_scores(q, k, config, scale),
+            "select ms": lambda: select_blocks(est, seq_len, config),
+            "BlockMask ms": lambda: keep_block_mask(keep, seq_len, config, compute_q_blocks=False),
+        }
     layout = make_layout(config, seq_len, q.device)
     scores, covered = block_scores(q, k, layout, scale)
     stripes = select_stripes(scores, covered, config)
+    return {
+        "layout ms": lambda: make_layout(config, seq_len, q.device),
+        "scores ms": lambda: block_scores(q, k, layout, scale),
+        "select ms": lambda: select_stripes(scores, covered, config),
+        "BlockMask ms": lambda: build_block_mask(stripes, layout),
+    }
+
+
+def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
+    seq_len = q.shape[2]
     block_mask = sample_block_mask(q, k, config)
     row = {
-        "layout ms": time_ms(lambda: make_layout(config, seq_len, q.device)),
-        "scores ms": time_ms(lambda: block_scores(q, k, layout, scale)),
-        "select ms": time_ms(lambda: select_stripes(scores, covered, config)),
-        "BlockMask ms": time_ms(lambda: build_block_mask(stripes, layout)),
+        **{column: time_ms(fn) for column, fn in _stages(q, k, config).items()},
         "mask build ms": time_ms(lambda: sample_block_mask(q, k, config)),
         "sparse attn ms": time_ms(
             lambda: attention_with_mask(q, k, v, block_mask, enable_gqa=True)
@@ -94,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.04])
+    add_antidiagonal_arguments(parser, strides=[8, 16], alphas=[0.9])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run, no GPU needed")
     args = parser.parse_args(argv)
 
@@ -106,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         name, out_dir = "mask_build", RESULTS
     heads, kv_heads, dim = shape
     base = SampleConfig(min_seq_len=0)
-    main_rows, sweep_rows = [], []
+    main_rows, sweep_rows, antidiagonal_rows = [], [], []
     for seq_len in lengths:
         progress(f"S={seq_len}: inputs")
         x = structured_qkv(1, heads, kv_heads, seq_len, dim, dtype=dtype, device=device)
@@ -129,6 +171,25 @@ def main(argv: list[str] | None = None) -> None:
             progress(
                 f"  ratio {ratio}: build/attn={sweep['build/attn']:.3f} CRA={sweep['CRA mean']:.4f}"
             )
+        for stride in args.strides:
+            for alpha in args.antidiagonal_alphas:
+                config = dataclasses.replace(
+                    base, estimator="antidiagonal", stride=stride, alpha=alpha
+                )
+                measured = {
+                    "S": seq_len,
+                    "stride": stride,
+                    "alpha": alpha,
+                    **_measure(x.q, x.k, x.v, config, with_cra=True),
+                }
+                if "SDPA cuDNN ms" in row:
+                    measured["x vs cuDNN"] = row["SDPA cuDNN ms"] / measured["total ms"]
+                antidiagonal_rows.append(measured)
+                progress(
+                    f"  antidiagonal s={stride} a={alpha}: build={measured['mask build ms']:.3g} "
+                    f"attn={measured['sparse attn ms']:.3g} density={measured['density']:.3f} "
+                    f"CRA={measured['CRA mean']:.4f}"
+                )
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -144,10 +205,15 @@ def main(argv: list[str] | None = None) -> None:
         "uses enable_gqa=True. 'flex dense' is compiled flex_attention with every causal block "
         "(blocks below the diagonal as full blocks).",
         "CRA columns: true CRA of the built mask on 1024 evenly spaced rows (all heads).",
+        "Antidiagonal rows: the base config with estimator='antidiagonal' and the row's stride "
+        "and alpha (ALGORITHM §9); scores = the strided antidiagonal estimate (chunked PyTorch "
+        "path), select = the per-query-block shortest prefix, BlockMask = keep_block_mask; "
+        "'x vs cuDNN' = the S row's SDPA cuDNN time / this row's total.",
     ]
     tables = [
         ("Mask build vs attention", MAIN_COLUMNS, main_rows),
         ("Sample ratio: overhead vs coverage", SWEEP_COLUMNS, sweep_rows),
+        ("Antidiagonal estimator: build vs attention", ANTIDIAGONAL_COLUMNS, antidiagonal_rows),
     ]
     path = write_results(name, "flexsample mask build", tables, notes, out_dir)
     print(open(path).read())

@@ -15,6 +15,9 @@ Methods (each a per-layer attention function of the same weights):
 - `flexsample a=<alpha>`: the alpha sweep (`--alphas`);
 - `flexsample tile_alpha=<t>`: the default alpha plus the CRA rule over sampled tiles
   (`--tile-alphas`, `SampleConfig.tile_alpha`);
+- `flexsample antidiag a=<alpha> s=<stride>`: the antidiagonal estimator
+  (`SampleConfig(estimator="antidiagonal")`, ALGORITHM §9) at each of `--antidiagonal-alphas`
+  and `--strides`; in the layer table each also gets the block oracle at its per-head density;
 - at flexsample's per-head density on the same q/k: window + sink, vertical-slash, the
   column oracle and the block oracle (`flexsample.baselines`); the block oracle also at
   fixed densities (`--oracle-densities`).
@@ -46,7 +49,7 @@ import flexsample
 from bench import train_realtext
 from bench.accuracy import evaluate as mask_accuracy
 from bench.corpus import CorpusConfig, build_corpus
-from bench.harness import RESULTS, progress, write_results
+from bench.harness import RESULTS, add_antidiagonal_arguments, progress, write_results
 from bench.niah import DensityLog, baseline_attention, recording_flexsample
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.baselines import (
@@ -57,7 +60,7 @@ from flexsample.baselines import (
     window_sink,
 )
 from flexsample.block_mask import kept_blocks
-from flexsample.metrics import block_density, density
+from flexsample.metrics import block_density, block_mass, density
 
 SWITCH_NAME = "realtext"
 PPL_COLUMNS = [
@@ -221,6 +224,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0.5, 0.8, 0.9],
         help="SampleConfig.tile_alpha values to run at the default alpha (the CRA rule over tiles)",
     )
+    add_antidiagonal_arguments(parser, strides=[8, 16], alphas=[0.5, 0.7, 0.9])
+    parser.add_argument(
+        "--local-blocks",
+        type=int,
+        default=None,
+        help="SampleConfig.local_blocks of the antidiagonal rows (default: the config's)",
+    )
     parser.add_argument("--oracle-densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument(
         "--compile",
@@ -295,6 +305,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             "qkv_out",
             "qkv_layers",
             "tile_alphas",
+            "antidiagonal_alphas",
+            "strides",
+            "local_blocks",
             "budget_minutes",
             "name",
             "out_dir",
@@ -390,7 +403,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"dense nearest {args.near}: each of the last {args.last} tokens predicted from "
             f"only the {args.near}..{args.near + args.near_chunk} tokens before it (fresh "
             "forward passes on the truncated context); dense uses the full context.",
-            f"flexsample config: {config}. 'flexsample attn' (attn_implementation=\"flexsample\""
+            f"flexsample config: {config}. 'flexsample antidiag a=x s=y' is that config with "
+            "estimator='antidiagonal', alpha=x, stride=y"
+            + ("" if args.local_blocks is None else f", local_blocks={args.local_blocks}")
+            + " (ALGORITHM §9); in the layer table 'oracle blocks @antidiag a=x s=y' is the block "
+            "oracle at its per-head density. 'flexsample attn' (attn_implementation=\"flexsample\""
             ") and 'flexsample compile' (torch.compile backend) carry the density of the alpha "
             "sweep's row at that alpha (same function on the same inputs).",
             "density: kept share of the causal area, mean over the sparse calls (layers x docs) "
@@ -435,6 +452,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
         log = DensityLog()
         name = f"flexsample tile_alpha={tile_alpha}"
+        run(name, model, attn_fn=recording_flexsample(cfg, log), log=log)
+    for name, cfg in antidiagonal_configs(config, args).items():
+        log = DensityLog()
         run(name, model, attn_fn=recording_flexsample(cfg, log), log=log)
     default_row = f"flexsample a={default_alpha}"
     door = load(model_dir, "flexsample", device, dtype)
@@ -496,6 +516,18 @@ def _sdpa_forward():
     return sdpa_attention_forward
 
 
+def antidiagonal_configs(config: SampleConfig, args) -> dict[str, SampleConfig]:
+    """The antidiagonal rows, by method name: every (stride, alpha) of the flags."""
+    local = {} if args.local_blocks is None else {"local_blocks": args.local_blocks}
+    return {
+        f"flexsample antidiag a={alpha} s={stride}": dataclasses.replace(
+            config, estimator="antidiagonal", alpha=alpha, stride=stride, **local
+        )
+        for stride in args.strides
+        for alpha in args.antidiagonal_alphas
+    }
+
+
 @torch.no_grad()
 def capture_qkv(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
     """Every layer's post-RoPE (q `[1, Hq, S, D]`, k, v `[1, Hkv, S, D]`) on a dense pass."""
@@ -522,16 +554,22 @@ def layer_study(model, ids: torch.Tensor, config: SampleConfig, args, model_dir)
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         block_mask = sample_block_mask(q, k, config)
         target = density(block_mask)
+        mass = block_mass(q, k, config)
         keeps = {
             "flexsample": kept_blocks(block_mask),
             "window+sink": window_sink(target, seq_len, config),
             "vertical-slash": vertical_slash(q, k, target, config),
             "oracle columns": oracle_columns(q, k, target, config, mass=column_mass(q, k, config)),
-            "oracle blocks": oracle_blocks(q, k, target, config),
+            "oracle blocks": oracle_blocks(q, k, target, config, mass=mass),
         }
         for tile_alpha in args.tile_alphas:
             cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
             keeps[f"flexsample tile_alpha={tile_alpha}"] = kept_blocks(sample_block_mask(q, k, cfg))
+        for name, cfg in antidiagonal_configs(config, args).items():
+            antidiag = sample_block_mask(q, k, cfg)
+            keeps[name] = kept_blocks(antidiag)
+            oracle = oracle_blocks(q, k, density(antidiag), config, mass=mass)
+            keeps[f"oracle blocks @{name.removeprefix('flexsample ')}"] = oracle
         for method, keep in keeps.items():
             per_head = block_density(keep, seq_len, seq_len, config.q_block, config.kv_block)
             out.append(
@@ -544,7 +582,7 @@ def layer_study(model, ids: torch.Tensor, config: SampleConfig, args, model_dir)
                 }
             )
             progress(
-                f"layer {layer} {method:<15} density {out[-1]['density']:.3f} CRA "
+                f"layer {layer} {method:<26} density {out[-1]['density']:.3f} CRA "
                 f"{out[-1]['CRA mean']:.4f} worst {out[-1]['CRA worst head']:.4f} err "
                 f"{out[-1]['err mean']:.4f}"
             )

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexsample.block_mask import build_block_mask, kept_blocks, with_causal_mask_mod
+from flexsample.antidiagonal import antidiagonal_keep
+from flexsample.block_mask import (
+    build_block_mask,
+    keep_block_mask,
+    kept_blocks,
+    with_causal_mask_mod,
+)
 from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
@@ -120,7 +126,8 @@ def sample_block_mask(
     *,
     scale: float | None = None,
 ) -> BlockMask:
-    """SampleAttention's causal block mask for q `[B, Hq, S, D]` and k `[B, Hkv, S, D]`.
+    """SampleAttention's causal block mask for q `[B, Hq, S, D]` and k `[B, Hkv, S, D]`, chosen
+    by `config.estimator`: window ∪ stripes (§2-§4) or the antidiagonal estimate (§9).
 
     The mask has one row of blocks per query head (`[B, Hq, nQ, nKV]`), for `flex_attention`
     with `enable_gqa=True` when Hq != Hkv. Built on q's device with no host sync.
@@ -136,6 +143,9 @@ def sample_block_mask(
     # Backward through flex_attention needs the transposed (q-block) indices.
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
+        if config.estimator == "antidiagonal":
+            keep = antidiagonal_keep(q, k, config, resolve_scale(q, scale))
+            return keep_block_mask(keep, q.shape[2], config, compute_q_blocks=needs_grad)
         layout = make_layout(config, q.shape[2], q.device)
         tiles = tile_scores(q, k, layout, resolve_scale(q, scale))
         scores, covered = reduce_tiles(*tiles, layout)

@@ -112,10 +112,13 @@ def torch_block_lists(
     return tuple(x.to(torch.int32) for x in (kv_num, kv_idx, full_num, full_idx))
 
 
-def keep_block_mask(keep: torch.Tensor, seq_len: int, config: SampleConfig) -> BlockMask:
-    """Any causal block keep matrix `[B, H, nQ, nKV]` -> `BlockMask` (for comparison masks;
-    SampleAttention's own masks use `build_block_mask`). Blocks ending before the query
-    block's first row are full, the rest partial."""
+def keep_block_mask(
+    keep: torch.Tensor, seq_len: int, config: SampleConfig, *, compute_q_blocks: bool = True
+) -> BlockMask:
+    """Any causal block keep matrix `[B, H, nQ, nKV]` -> `BlockMask`, on-device with no host
+    sync: the antidiagonal estimator's masks and comparison masks (SampleAttention's own masks
+    use `build_block_mask`). Blocks ending before the query block's first row are full, the
+    rest partial, so with q_block == kv_block the partial blocks are the diagonal ones."""
     num_q, num_kv = keep.shape[-2:]
     first_row = torch.arange(num_q, device=keep.device)[:, None] * config.q_block
     last_key = (torch.arange(num_kv, device=keep.device)[None, :] + 1) * config.kv_block - 1
@@ -133,6 +136,7 @@ def keep_block_mask(keep: torch.Tensor, seq_len: int, config: SampleConfig) -> B
         BLOCK_SIZE=(config.q_block, config.kv_block),
         mask_mod=kept_causal,
         seq_lengths=(seq_len, seq_len),
+        compute_q_blocks=compute_q_blocks,
     )
 
 

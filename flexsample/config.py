@@ -14,11 +14,13 @@ import torch
 _BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 _SCORE_BACKENDS = ("auto", "torch", "triton")
 _FLEX_BACKENDS = ("auto", "triton", "flash")
+_ESTIMATORS = ("stripes", "antidiagonal")
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Configuration of SampleAttention (ALGORITHM §2-§4).
+    """Configuration of SampleAttention (ALGORITHM §2-§4), or of the antidiagonal estimator
+    (ALGORITHM §9).
 
     alpha: CRA threshold; the kept share of sampled attention mass, in (0, 1]. Paper default.
     window_ratio: local window as a fraction of the sequence length, in [0, 1]. Paper: 8%.
@@ -47,6 +49,21 @@ class SampleConfig:
         FLASH (FlashAttention-4, the `fa4` extra) where it is importable and the GPU, dtype,
         head dims and blocks suit it, else Triton; "flash" raises where it cannot run
         (flexsample/flex_backend.py).
+    estimator: how the block mask is chosen. "stripes" (default): SampleAttention, a window of
+        `window_ratio` plus one set of column stripes per head from the sampled rows (§2-§4).
+        "antidiagonal": every query block ranks its own key blocks by an XAttention-style
+        strided antidiagonal estimate of the attention mass and keeps the fewest whose estimate
+        reaches `alpha` of the row's, plus the diagonal, the first key block and
+        `local_blocks` (§9). It reads `alpha`, `stride`, `local_blocks`, the block sizes and
+        `min_seq_len`; the window and sampling fields do not apply, and `tile_alpha` /
+        `max_stripe_ratio` must stay None. Off by default: its real-text result is pending the
+        GPU judge (bench/realtext.py, --antidiagonal-alphas).
+    stride: antidiagonal stride s: each s x s cell of the attention matrix is scored by one
+        antidiagonal (s query rows against s keys, one dot product of length s*D), so scoring
+        costs ~1/s of attention's QK^T. A power of two dividing q_block and kv_block.
+    local_blocks: antidiagonal mode: key blocks kept before each query block's diagonal block
+        regardless of the estimate (a local core), an integer >= 0. 1 is a guess (rows at the
+        start of a block find their nearest keys in the block before), pending the GPU judge.
     """
 
     alpha: float = 0.95
@@ -61,6 +78,9 @@ class SampleConfig:
     tile_alpha: float | None = None
     score_backend: str = "auto"
     flex_backend: str = "auto"
+    estimator: str = "stripes"
+    stride: int = 8
+    local_blocks: int = 1
 
     def __post_init__(self) -> None:
         _check_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
@@ -88,6 +108,29 @@ class SampleConfig:
             raise ValueError(
                 f"flex_backend={self.flex_backend!r} is not allowed: use one of {_FLEX_BACKENDS}"
             )
+        self._check_antidiagonal()
+
+    def _check_antidiagonal(self) -> None:
+        if self.estimator not in _ESTIMATORS:
+            raise ValueError(
+                f"estimator={self.estimator!r} is not allowed: use one of {_ESTIMATORS}"
+            )
+        block = min(self.q_block, self.kv_block)
+        divides = type(self.stride) is int and self.stride >= 1 and block % self.stride == 0
+        if not divides or self.stride & (self.stride - 1):
+            allowed = [2**i for i in range(block.bit_length())]
+            raise ValueError(
+                f"stride={self.stride!r} is not allowed: use a power of two dividing "
+                f"q_block={self.q_block} and kv_block={self.kv_block}, one of {allowed}"
+            )
+        _check_int("local_blocks", self.local_blocks, 0)
+        if self.estimator == "antidiagonal":
+            for name in ("tile_alpha", "max_stripe_ratio"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is not allowed with "
+                        "estimator='antidiagonal' (it selects column stripes): use None"
+                    )
 
     def window_tokens(self, seq_len: int) -> int:
         """Width `w` of the local window in tokens: ceil(window_ratio * S)."""

@@ -1,5 +1,5 @@
-"""Pure-PyTorch oracle of SampleAttention (ALGORITHM §2-§5, steps 1-5): the spec, not the fast
-path.
+"""Pure-PyTorch oracle of SampleAttention (ALGORITHM §2-§5, steps 1-5) and of the antidiagonal
+estimator (§9): the spec, not the fast path.
 
 Everything here favours clarity: it materialises `[n, S]` and `[S, S]` tensors and loops over
 heads, so use it only at test sizes. Every fast path is tested against these functions.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from flexsample.config import SampleConfig
 
@@ -146,6 +147,69 @@ def reference_mask(
     return reference_token_mask(
         reference_block_keep(stripes, q.shape[2], config), q.shape[2], config
     )
+
+
+def reference_antidiagonal_scores(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
+) -> torch.Tensor:
+    """ALGORITHM §9, dense: the estimated mass `[B, Hq, nQ, nKV]` (float32) of q `[B, Hq, S, D]`,
+    k `[B, Hkv, S, D]`, from the full `[S, S]` logits.
+
+    Strided cell (m, n) covers rows m*s + r(m, a) and keys n*s + a for a < s, with
+    r(m, a) = s-1-a for even m and (s-a) % s for odd m (one antidiagonal of the s x s cell).
+    Its logit is the mean of the scaled logits over its cells with row < S and key <= row,
+    -inf without any; each strided row's softmax (zero if it has no finite logit) is summed
+    into (query block, key block).
+    """
+    batch, heads, seq_len, _ = q.shape
+    s = config.stride
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.einsum("bhid,bhjd->bhij", q.double(), expand_kv(k, heads).double()) * scale
+    num_strided = math.ceil(seq_len / s)
+    m = torch.arange(num_strided, device=q.device)[:, None, None]
+    n = torch.arange(num_strided, device=q.device)[None, :, None]
+    a = torch.arange(s, device=q.device)
+    row = m * s + torch.where(m % 2 == 0, s - 1 - a, (s - a) % s)  # [M, 1, s]
+    key = n * s + a  # [1, M, s]
+    valid = (row < seq_len) & (key <= row)  # [M, M, s]
+    cells = logits[:, :, row.clamp(max=seq_len - 1), key.clamp(max=seq_len - 1)]
+    count = valid.sum(-1)
+    mean = torch.where(valid, cells, 0.0).sum(-1) / count.clamp(min=1)
+    probs = mean.masked_fill(count == 0, float("-inf")).softmax(-1).nan_to_num(0.0)
+    first = torch.arange(num_strided, device=q.device) * s
+    to_q = F.one_hot(first // config.q_block, math.ceil(seq_len / config.q_block)).double()
+    to_kv = F.one_hot(first // config.kv_block, math.ceil(seq_len / config.kv_block)).double()
+    return torch.einsum("bhmn,mq,nk->bhqk", probs, to_q, to_kv).float()
+
+
+def reference_antidiagonal_select(
+    est: torch.Tensor, seq_len: int, config: SampleConfig
+) -> torch.Tensor:
+    """ALGORITHM §9 selection, one query block at a time: kept blocks `[B, H, nQ, nKV]` (bool).
+
+    Query block qb keeps key block 0, the blocks from `first(qb) // kv_block - local_blocks`
+    to the last causal one, then other causal blocks by descending estimate (ties: lower index
+    first) until the kept estimate reaches `alpha` of the row's causal total.
+    """
+    batch, heads, num_q, num_kv = est.shape
+    keep = torch.zeros_like(est, dtype=torch.bool)
+    for qb in range(num_q):
+        first = qb * config.q_block
+        last = min(first + config.q_block, seq_len) - 1
+        causal = torch.arange(num_kv, device=est.device) <= last // config.kv_block
+        forced = torch.zeros(num_kv, dtype=torch.bool, device=est.device)
+        forced[0] = True
+        forced[max(0, first // config.kv_block - config.local_blocks) :] = True
+        forced &= causal
+        for b in range(batch):
+            for h in range(heads):
+                row = est[b, h, qb].double()
+                total = row[causal].sum().clamp_min(torch.finfo(torch.float64).tiny)
+                kept = (row[forced].sum() / total).item()
+                others = torch.where(forced | ~causal, 0.0, row) / total
+                chosen = _prefix(others, kept, config.alpha, num_kv)
+                keep[b, h, qb] = (chosen | forced) & causal
+    return keep
 
 
 def masked_attention(

@@ -29,17 +29,17 @@ def select_stripes(
     cap = (
         None if config.max_stripe_ratio is None else int(config.max_stripe_ratio * scores.shape[-1])
     )
-    stripes = _shortest_prefix(scores, covered, config.alpha, cap)
+    stripes = shortest_prefix(scores, covered, config.alpha, cap)
     if config.tile_alpha is None:
         return stripes
     if tiles is None:
         raise ValueError("config.tile_alpha needs the per-tile scores (scores.tile_scores)")
     mass, window, rows = tiles
-    per_tile = _shortest_prefix(mass / rows[:, None], window / rows, config.tile_alpha)
+    per_tile = shortest_prefix(mass / rows[:, None], window / rows, config.tile_alpha)
     return stripes | per_tile.any(-2)
 
 
-def _shortest_prefix(
+def shortest_prefix(
     scores: torch.Tensor, covered: torch.Tensor, alpha: float, cap: int | None = None
 ) -> torch.Tensor:
     """Blocks `[..., nKV]` of the shortest descending-score prefix with covered + kept >= alpha,

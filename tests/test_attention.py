@@ -11,6 +11,7 @@ from flexsample import SampleConfig, sample_attention, sample_block_mask
 from flexsample.block_mask import kept_blocks
 from flexsample.reference import masked_attention, reference_block_scores, reference_mask
 
+from contracts import LargestOutput
 from strategies import configs, qkv, well_separated
 from tolerance import assert_output_close, causal_mask
 
@@ -129,18 +130,6 @@ def test_non_finite_key_reaches_only_rows_that_see_it():
 
 def test_cpu_sparse_path_has_no_seq_by_seq_tensor():
     """Memory is O(chunk × S): no op of the CPU sparse path outputs S×S elements per head."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     seq_len, heads = 2048, 2
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq_len, 16, generator=gen) for _ in range(3))

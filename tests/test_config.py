@@ -29,6 +29,12 @@ from flexsample import SampleConfig
         ("alpha", "0.9", r"not a number: allowed a float in \(0.0, 1.0\]"),
         ("tile_alpha", 0.0, r"\(0.0, 1.0\]"),
         ("flex_backend", "fa4", "one of"),
+        ("estimator", "xattention", r"one of \('stripes', 'antidiagonal'\)"),
+        ("stride", 12, "power of two dividing q_block=128 and kv_block=128"),
+        ("stride", 0, "power of two"),
+        ("stride", 256, r"one of \[1, 2, 4, 8, 16, 32, 64, 128\]"),
+        ("stride", 8.0, "power of two"),
+        ("local_blocks", -1, "integer >= 0"),
     ],
 )
 def test_invalid_values_name_field_value_and_range(field, value, allowed):

@@ -1,0 +1,152 @@
+"""The antidiagonal estimator (ALGORITHM §9): XAttention-style strided antidiagonal scores of
+every (query block, key block), and each query block's own shortest set of key blocks.
+
+Stage 1 of SampleAttention sees only ~1% of the rows and keeps one set of column stripes per
+head, so rows that copy from their own earlier positions (slash lines) are invisible to it.
+Here every query row takes part: an s x s cell of the attention matrix is scored by a
+dot product along one of its antidiagonals, and every antidiagonal crosses every column, so
+both column and slash patterns reach the estimate at ~1/s of attention's QK^T FLOPs.
+The chunked PyTorch path below is the fast path; `reference.reference_antidiagonal_scores` is
+its spec.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flexsample.config import SampleConfig
+from flexsample.selection import shortest_prefix
+
+#: Logits per chunk of query blocks (all heads): 128M = 256 MiB in bf16 plus 512 MiB of fp32
+#: probabilities; memory O(chunk × S/s), never (S/s)².
+CHUNK_ELEMENTS = 1 << 27
+
+
+def strided_order(stride: int, num_strided: int, device: torch.device | str | None = None):
+    """Row offset of segment a of strided query row m: `[num_strided, stride]` (int64).
+
+    Q'[m] = concat_a q[m*s + order[m, a]] against K'[n] = concat_a k[n*s + a] sums q.k over
+    the cells (m*s + order[m, a], n*s + a): one antidiagonal of the s x s cell (m, n).
+    Even m take XAttention's antidiagonal order[m, a] = s-1-a, whose cells have i - j odd
+    (for even s), so a slash line at an even offset would never be scored; odd m take
+    order[m, a] = (s - a) % s, whose cells have i - j even. Every q row and every key appear
+    once per cell either way, so columns are scored as before.
+    """
+    a = torch.arange(stride, device=device)
+    odd = torch.arange(num_strided, device=device)[:, None] % 2 == 1
+    return torch.where(odd, (stride - a) % stride, stride - 1 - a)
+
+
+def antidiagonal_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig,
+    scale: float,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Estimated attention mass of every (query block, key block): `[B, Hq, nQ, nKV]` float32.
+
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` (GQA: a KV head's query heads share its K', no copy).
+    The strided logit of cell (m, n) is `scale` times the MEAN of q.k over the antidiagonal's
+    cells that are real (row < S) and causal (key <= row); each strided row's softmax over
+    n <= m is summed into blocks, so a query block's row of the result sums to its number of
+    strided rows with a real row. Chunks of query blocks keep temporaries O(chunk × S/s).
+    """
+    batch, heads, seq_len, dim = q.shape
+    kv_heads, group = k.shape[1], heads // k.shape[1]
+    s, q_block, kv_block = config.stride, config.q_block, config.kv_block
+    num_q, num_kv = math.ceil(seq_len / q_block), math.ceil(seq_len / kv_block)
+    padded = max(num_q * q_block, num_kv * kv_block)
+    num_strided = padded // s
+    order = strided_order(s, num_strided, q.device)
+    rows = torch.arange(num_strided, device=q.device)[:, None] * s + order  # [M, s] q rows
+    real = rows < seq_len
+    causal = order >= torch.arange(s, device=q.device)  # cell (m, m): key m*s+a <= its row
+    # The mean, not the sum, over the s cells: a sum would add the s-1 unrelated logits' noise
+    # (spread ~sqrt(s) times one logit's) into the exponent, and sharpen every uniform cell by
+    # s, so each row's estimate would collapse onto its luckiest cells. The mean keeps
+    # attention's temperature (exp of it is the cells' geometric mean), as XAttention does;
+    # a single sharp cell is damped by s, which the block sums and alpha then absorb.
+    count = real.sum(-1)
+    # Cell (m, m) keeps only its causal cells: its logit is rescaled from `count` cells to its
+    # own count, and is -inf where it has none.
+    diag_count = (real & causal).sum(-1)
+    diag_rescale = count / diag_count.clamp(min=1)
+    # Q' carries scale / count per cell and 0 past S (one O(S·D) pass over a gathered copy of
+    # q), so the logits need no further pass.
+    cell_scale = torch.where(real, scale / count.clamp(min=1)[:, None], 0.0).to(q.dtype)
+    q_cells = q[:, :, rows.clamp(max=seq_len - 1).flatten()].unflatten(2, (num_strided, s))
+    q_cells = q_cells.mul_(cell_scale[..., None]).unflatten(1, (kv_heads, group))
+    k_cells = F.pad(k, (0, 0, 0, padded - seq_len)).unflatten(2, (num_strided, s))
+    q_strided, k_strided = q_cells.flatten(-2), k_cells.flatten(-2)
+
+    per_q, per_kv = q_block // s, kv_block // s
+    real_strided = math.ceil(seq_len / s)  # strided rows from here on hold no real row
+    est = torch.zeros(batch, heads, num_q, num_kv, device=q.device)
+    blocks = max(1, chunk_elements // max(1, batch * heads * per_q * num_strided))
+    for first in range(0, num_q, blocks):
+        last = min(num_q, first + blocks)
+        m0, m1 = first * per_q, last * per_q
+        keys = min(-(-m1 // per_kv) * per_kv, num_strided)  # whole key blocks up to the chunk
+        # The group folded into the rows: one [group*rows, s*D] x [s*D, keys] matmul per KV
+        # head (a broadcast k would be copied per query head by matmul).
+        chunk = q_strided[:, :, :, m0:m1].flatten(2, 3)
+        logits = (chunk @ k_strided[:, :, :keys].transpose(-1, -2)).unflatten(2, (group, -1))
+        logits[..., m0:].masked_fill_(_future(m0, m1, keys, q.device), float("-inf"))
+        cells = q_cells[:, :, :, m0:m1].float() * k_cells[:, :, None, m0:m1].float()
+        on_diag = torch.where(causal[m0:m1], cells.sum(-1), 0.0).sum(-1) * diag_rescale[m0:m1]
+        on_diag = on_diag.masked_fill(diag_count[m0:m1] == 0, float("-inf"))
+        logits[..., m0:].diagonal(dim1=-2, dim2=-1).copy_(on_diag)
+        probs = torch.softmax(logits, -1, dtype=torch.float32)
+        if m0 == 0:  # strided row 0 has no scored cell if S <= s/2: it weighs nothing
+            probs[..., 0, :].nan_to_num_(0.0)
+        if m1 > real_strided:  # rows past S: their (uniform) softmax weighs nothing
+            probs[..., max(0, real_strided - m0) :, :] = 0
+        mass = probs.unflatten(-2, (last - first, per_q)).unflatten(-1, (-1, per_kv))
+        mass = mass.sum((-3, -1)).flatten(1, 2)  # [B, Hq, chunk blocks, key blocks]
+        width = min(num_kv, mass.shape[-1])
+        est[:, :, first:last, :width] = mass[..., :width]
+    return est
+
+
+def _future(m0: int, m1: int, keys: int, device: torch.device) -> torch.Tensor:
+    """`[m1 - m0, keys - m0]` bool: strided key m0 + j lies after strided row m0 + i."""
+    return torch.arange(m0, keys, device=device) > torch.arange(m0, m1, device=device)[:, None]
+
+
+def select_blocks(est: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
+    """Kept blocks `[B, H, nQ, nKV]` (bool) from the estimate `[B, H, nQ, nKV]`, per query block:
+    the diagonal blocks (those meeting the block's rows), the `local_blocks` before them and key
+    block 0 (the sink), then the fewest other causal blocks by descending estimate (ties: lower
+    index first) until the kept estimate reaches `alpha` of the row's; alpha = 1 keeps every
+    causal block."""
+    causal, forced = _causal_and_forced(est.shape[-2], est.shape[-1], seq_len, config, est.device)
+    mass = torch.where(causal, est.double(), 0.0)
+    total = mass.sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    covered = torch.where(forced, mass, 0.0).sum(-1) / total
+    scores = torch.where(forced, 0.0, mass) / total[..., None]
+    return (shortest_prefix(scores, covered, config.alpha) | forced) & causal
+
+
+def _causal_and_forced(
+    num_q: int, num_kv: int, seq_len: int, config: SampleConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[nQ, nKV]` bool: blocks with a causal pair, and the blocks kept whatever the estimate."""
+    first = torch.arange(num_q, device=device)[:, None] * config.q_block
+    last = torch.clamp(first + config.q_block, max=seq_len) - 1
+    block = torch.arange(num_kv, device=device)
+    causal = block <= last // config.kv_block
+    local = block >= first // config.kv_block - config.local_blocks
+    return causal, causal & (local | (block == 0))
+
+
+def antidiagonal_keep(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
+) -> torch.Tensor:
+    """The antidiagonal mask's kept blocks `[B, Hq, nQ, nKV]` for q `[B, Hq, S, D]`,
+    k `[B, Hkv, S, D]`: `select_blocks` of `antidiagonal_scores`."""
+    return select_blocks(antidiagonal_scores(q, k, config, scale), q.shape[2], config)

@@ -1,0 +1,237 @@
+"""The antidiagonal estimator (ALGORITHM §9): estimate vs the dense reference, selection
+invariants, the BlockMask and attention it gives, and what it finds that stripes miss."""
+
+import dataclasses
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import flexsample.antidiagonal as antidiagonal
+from flexsample import SampleConfig, sample_attention, sample_block_mask
+from flexsample.antidiagonal import antidiagonal_scores, select_blocks
+from flexsample.block_mask import kept_blocks
+from flexsample.metrics import block_density, block_mass, true_cra
+from flexsample.op import config_to_str
+from flexsample.reference import (
+    reference_antidiagonal_scores,
+    reference_antidiagonal_select,
+    reference_token_mask,
+)
+
+from contracts import LargestOutput, assert_block_mask_contract
+from strategies import configs, qkv
+from tolerance import ANTIDIAG_REL_RMS, assert_output_close, causal_mask, rel_rms
+
+
+@st.composite
+def antidiagonal_configs(draw, **fixed) -> SampleConfig:
+    fields = {
+        "estimator": "antidiagonal",
+        "tile_alpha": None,
+        "stride": draw(st.sampled_from([1, 2, 4, 8, 16])),
+        "local_blocks": draw(st.sampled_from([0, 1, 3])),
+    }
+    return draw(configs(**(fields | fixed)))
+
+
+def _xattention_order(stride, num_strided, device=None):
+    """XAttention's antidiagonal on every strided row (i - j odd only, for even s)."""
+    return (stride - 1 - torch.arange(stride, device=device)).expand(num_strided, stride)
+
+
+def _main_diagonal(stride, num_strided, device=None):
+    return torch.arange(stride, device=device).expand(num_strided, stride)
+
+
+@given(qkv(), antidiagonal_configs(), st.sampled_from([1, 1 << 27]))
+def test_estimate_matches_the_reference(inputs, config, chunk_elements):
+    q, k, _ = inputs
+    scale = q.shape[-1] ** -0.5
+    got = antidiagonal_scores(q, k, config, scale, chunk_elements=chunk_elements)
+    want = reference_antidiagonal_scores(q, k, config, scale)
+    err = rel_rms(got, want)
+    assert err <= ANTIDIAG_REL_RMS[q.dtype], f"relative RMS error {err:.3g}"
+    assert got.dtype == torch.float32 and (got >= 0).all()
+    seq_len, s = q.shape[2], config.stride
+    if seq_len >= s:  # each strided row with a real row sums to one over its key blocks
+        first = torch.arange(got.shape[-2]) * config.q_block
+        rows = torch.clamp(seq_len - first, max=config.q_block)
+        torch.testing.assert_close(got.sum(-1), (rows / s).ceil().expand_as(got[..., 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "bug, patch",
+    [
+        ("XAttention's antidiagonal on every row", ("strided_order", _xattention_order)),
+        ("main diagonal", ("strided_order", _main_diagonal)),
+        (
+            "no causal mask",
+            ("_future", lambda m0, m1, keys, device: torch.zeros(m1 - m0, keys - m0, dtype=bool)),
+        ),
+    ],
+)
+def test_planted_bugs_fail_the_estimate_check(dtype, bug, patch):
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 4, 250, 32, generator=gen) * 2).to(dtype)
+    k = torch.randn(1, 2, 250, 32, generator=gen).to(dtype)
+    config = SampleConfig(estimator="antidiagonal", q_block=32, kv_block=32)
+    want = reference_antidiagonal_scores(q, k, config, 32**-0.5)
+    assert rel_rms(antidiagonal_scores(q, k, config, 32**-0.5), want) <= ANTIDIAG_REL_RMS[dtype]
+    with mock.patch.object(antidiagonal, *patch):
+        err = rel_rms(antidiagonal_scores(q, k, config, 32**-0.5), want)
+    assert err > 3 * ANTIDIAG_REL_RMS[dtype], f"{bug}: {err:.3g}"
+
+
+def test_stride_one_is_the_exact_block_mass():
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 77, 16, generator=gen), torch.randn(2, 2, 77, 16, generator=gen)
+    config = SampleConfig(estimator="antidiagonal", stride=1, q_block=16, kv_block=32)
+    exact = block_mass(q, k, config, 0.25)
+    torch.testing.assert_close(antidiagonal_scores(q, k, config, 0.25), exact)
+
+
+@given(qkv(dtypes=(torch.float32,)), antidiagonal_configs())
+def test_selection_matches_reference_and_reaches_alpha_minimally(inputs, config):
+    q, k, _ = inputs
+    seq_len = q.shape[2]
+    est = reference_antidiagonal_scores(q, k, config)
+    keep = select_blocks(est, seq_len, config)
+    assert torch.equal(keep, reference_antidiagonal_select(est, seq_len, config))
+    num_q, num_kv = est.shape[-2:]
+    for qb in range(num_q):
+        first = qb * config.q_block
+        last_causal = (min(first + config.q_block, seq_len) - 1) // config.kv_block
+        local = max(0, first // config.kv_block - config.local_blocks)
+        forced = list(range(local, last_causal + 1))
+        row, kept = est[..., qb, :].double(), keep[..., qb, :]
+        assert kept[..., forced + [0]].all(), "diagonal, local core and sink kept"
+        assert not kept[..., last_causal + 1 :].any(), "causal"
+        total = row[..., : last_causal + 1].sum(-1)
+        mass = (row * kept).sum(-1)
+        if config.alpha >= 1.0:
+            assert kept[..., : last_causal + 1].all()
+            continue
+        assert (mass >= config.alpha * total - 1e-9).all(), "kept estimate reaches alpha"
+        # Minimality: dropping the smallest chosen (not forced) block falls below alpha.
+        chosen = kept.clone()
+        chosen[..., forced + [0]] = False
+        smallest = torch.where(chosen, row, math.inf).amin(-1)
+        has = chosen.any(-1)
+        assert (mass - smallest < config.alpha * total + 1e-9)[has].all(), "minimal"
+
+
+@given(qkv(), antidiagonal_configs())
+def test_block_mask_contract_and_exact_attention(inputs, config):
+    q, k, v = inputs
+    seq_len = q.shape[2]
+    block_mask = sample_block_mask(q, k, config)
+    keep = select_blocks(antidiagonal_scores(q, k, config, q.shape[-1] ** -0.5), seq_len, config)
+    assert_block_mask_contract(block_mask, keep, config)
+    mask = reference_token_mask(keep, seq_len, config)
+    assert_output_close(sample_attention(q, k, v, config, enable_gqa=True), q, k, v, mask)
+
+
+@given(qkv(), antidiagonal_configs(alpha=1.0))
+def test_alpha_one_equals_sdpa(inputs, config):
+    q, k, v = inputs
+    out = sample_attention(q, k, v, config, enable_gqa=True)
+    assert_output_close(out, q, k, v, causal_mask(q))
+
+
+def test_the_op_runs_the_antidiagonal_mask():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 300, 32, generator=gen)
+    k, v = (torch.randn(1, 2, 300, 32, generator=gen) for _ in range(2))
+    config = SampleConfig(
+        estimator="antidiagonal", alpha=0.8, q_block=32, kv_block=32, min_seq_len=0
+    )
+    out = torch.ops.flexsample.sample_attention(q, k, v, None, None, True, config_to_str(config))
+    torch.testing.assert_close(out, sample_attention(q, k, v, config, enable_gqa=True))
+
+
+def test_estimate_has_no_strided_square_tensor():
+    """Temporaries are O(chunk × S/s) or O(S·D) (the gathered copy of q): no op makes
+    heads × (S/s)² elements."""
+    seq_len, heads, s = 4096, 2, 8
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, heads, seq_len, 8, generator=gen) for _ in range(2))
+    config = SampleConfig(estimator="antidiagonal", stride=s, q_block=64, kv_block=64)
+    strided = seq_len // s
+    chunk = heads * (64 // s) * strided  # one query block of strided rows against every key
+    with LargestOutput() as mode:
+        chunked = antidiagonal_scores(q, k, config, 0.25, chunk_elements=chunk)
+    assert mode.largest <= max(q.numel(), chunk) < heads * strided**2 // 4, mode.largest
+    torch.testing.assert_close(chunked, antidiagonal_scores(q, k, config, 0.25))
+
+
+def _copying_heads(seq_len=2048, dim=128, segment=256, logit=24.0):
+    """q `[1, 2, S, D]`, k `[1, 1, S, D]`: from row 2 * `segment` on, head h copies segment by
+    segment from one earlier position at least `segment` back (a slash line), at offsets of
+    parity h."""
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, seq_len, dim, generator=gen)
+    q = torch.randn(1, 2, seq_len, dim, generator=gen) * 0.3
+    for head in range(2):
+        for start in range(2 * segment, seq_len, segment):
+            offset = int(torch.randint(segment, start, (1,), generator=gen)) // 2 * 2 + head
+            source = k[0, 0, start - offset : start + segment - offset]
+            q[0, head, start : start + segment] = (
+                logit * math.sqrt(dim) * source / source.pow(2).sum(-1, keepdim=True)
+            )
+    return q, k
+
+
+def test_copy_lines_are_found_where_stripes_miss_them_at_equal_density():
+    q, k = _copying_heads()
+    seq_len, block = q.shape[2], 64
+    rows = torch.arange(512, seq_len)  # the copying rows
+
+    def measure(config):
+        keep = kept_blocks(sample_block_mask(q, k, config))
+        cra = true_cra(q, k, keep, config, rows=rows).mean(-1)[0]
+        return block_density(keep, seq_len, seq_len, block, block)[0], cra
+
+    base = SampleConfig(q_block=block, kv_block=block, min_seq_len=0)
+    stripes_density, stripes_cra = measure(base)
+    config = dataclasses.replace(base, estimator="antidiagonal", alpha=0.3)
+    density, cra = measure(config)
+    assert (density <= stripes_density).all(), (density, stripes_density)
+    assert (cra > 0.8).all() and (stripes_cra < 0.4).all(), (cra, stripes_cra)
+    # XAttention's single antidiagonal never scores a line at an even offset (head 0): the
+    # alternating antidiagonals do.
+    config = dataclasses.replace(config, alpha=0.5)
+    _, alternating = measure(config)
+    with mock.patch.object(antidiagonal, "strided_order", _xattention_order):
+        _, single = measure(config)
+    assert alternating[0] > 0.9 and single[0] < 0.6 and single[1] > 0.9, (alternating, single)
+
+
+def test_antidiagonal_options_are_checked():
+    with pytest.raises(ValueError, match=r"tile_alpha=0.5 is not allowed with estimator="):
+        SampleConfig(estimator="antidiagonal", tile_alpha=0.5)
+    with pytest.raises(ValueError, match=r"max_stripe_ratio=0.1 is not allowed with estimator="):
+        SampleConfig(estimator="antidiagonal", max_stripe_ratio=0.1)
+    with pytest.raises(ValueError, match=r"stride=32 .* q_block=16 and kv_block=64, one of"):
+        SampleConfig(stride=32, q_block=16, kv_block=64)
+
+
+@pytest.mark.slow
+def test_mask_build_compiles_fullgraph_without_recompiles():
+    from torch._dynamo.utils import counters
+
+    config = SampleConfig(estimator="antidiagonal", alpha=0.8, q_block=16, kv_block=16)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q, k: kept_blocks(sample_block_mask(q, k, config)), fullgraph=True
+    )
+    counters.clear()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(1, 4, 100, 16, generator=gen), torch.randn(1, 2, 100, 16, generator=gen)
+        assert torch.equal(compiled(q, k), kept_blocks(sample_block_mask(q, k, config)))
+    assert counters["stats"]["unique_graphs"] == 1
