@@ -277,6 +277,11 @@ def context_parallel_block_mask(
     `[B, Hkv, S, D]` ALL keys (`gather_sequence`). One all-reduce (the stage-1 sums); blocks
     `[B, Hq, nQ_local, nKV]`, equal to rows `Shard.q_blocks()` of `sample_block_mask`."""
     config = as_config(config)
+    if config.estimator != "stripes":
+        raise NotImplementedError(
+            f"context parallelism implements estimator='stripes' only, got "
+            f"{config.estimator!r}: pass SampleConfig(estimator='stripes', ...)"
+        )
     shard = _group_shard(k.shape[2], group, config.q_block, q.shape[2])
     with torch.no_grad():
         layout = make_layout(config, k.shape[2], q.device)
@@ -435,7 +440,7 @@ def context_parallel_dense_attention(
     if kernel == "auto":
         kernel = "sdpa" if _flash_can_run(q_shard, k, v) else "flex"
     if kernel == "flex":
-        config = SampleConfig(q_block=block, min_seq_len=0)
+        config = SampleConfig(estimator="stripes", q_block=block, min_seq_len=0)
         layout = make_layout(config, seq_len, q_shard.device)
         every_block = torch.ones(
             *q_shard.shape[:2], layout.num_kv_blocks, dtype=torch.bool, device=q_shard.device

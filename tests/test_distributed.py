@@ -268,3 +268,11 @@ def _gpu_cases(rank, world):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_context_parallel_on_two_gpus():
     run_on_ranks(_gpu_cases, 2, backend="nccl")
+
+
+def test_context_parallel_refuses_the_antidiagonal_estimator():
+    """Only the stripes selection is sharded; another estimator is an error, not a guess."""
+    q, k, _ = _inputs(256, batch=1, heads=2, kv_heads=2, seed=0)
+    config = SampleConfig(estimator="antidiagonal", min_seq_len=0, q_block=32, kv_block=32)
+    with pytest.raises(NotImplementedError, match="estimator='stripes' only"):
+        cp.context_parallel_block_mask(q[:, :, :128], k, config)
