@@ -180,22 +180,19 @@ def attention_with_mask(
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     backend = (kernel_options or {}).get("BACKEND", "TRITON")
-    static = backend == "FLASH" or q.shape[2] != k.shape[2]
-    return _compiled_flex(backend, static)(q, k, v, **kwargs)
+    return _compiled_flex(backend)(q, k, v, **kwargs)
 
 
 @functools.cache
-def _compiled_flex(backend: str, static: bool):
+def _compiled_flex(backend: str):
     # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
     # compiled function per backend: recompiling one function between the Triton and FLASH
     # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). Triton:
     # dynamic from the first call, so that one compile serves every length. FLASH cannot take
     # symbolic lengths (torch 2.11 raises "NYI: score_mod or mask_mod captures a dynamic
     # scalar" even for a mask_mod that captures nothing: the sequence lengths reach it), so it
-    # compiles once per length. Context-parallel shards (queries shorter than the keys) also
-    # compile per shape: their first 2-GPU run, sharing the dynamic function, gave outputs
-    # off by a relative RMS of 0.244 at 64K (2x H200) with masks equal to single-GPU's.
-    return torch.compile(flex_attention, dynamic=not static)
+    # compiles once per length.
+    return torch.compile(flex_attention, dynamic=False if backend == "FLASH" else True)
 
 
 def cpu_block_sparse_attention(
