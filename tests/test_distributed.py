@@ -276,3 +276,26 @@ def test_context_parallel_refuses_the_antidiagonal_estimator():
     config = SampleConfig(estimator="antidiagonal", min_seq_len=0, q_block=32, kv_block=32)
     with pytest.raises(NotImplementedError, match="estimator='stripes' only"):
         cp.context_parallel_block_mask(q[:, :, :128], k, config)
+
+
+@pytest.mark.slow
+def test_shard_block_mask_under_compiled_flex_equals_single_process():
+    """The shard's BlockMask through compiled flex_attention (the GPU path's kernel, here
+    inductor's CPU flex): each rank's rows equal single-process flexsample's. Expanded
+    (zero-stride) block lists passed every list comparison yet gave wrong rows here."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seq_len, world = 2048, 2
+    q, k, v = _inputs(seq_len, batch=1, heads=4, kv_heads=2, seed=3)
+    config = SampleConfig(min_seq_len=0, q_block=128, kv_block=128, alpha=0.8)
+    expected = sample_attention(q, k, v, config, enable_gqa=True)
+    layout = make_layout(config, seq_len, q.device)
+    stripes = select_stripes(*block_scores(q, k, layout, q.shape[-1] ** -0.5), config)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    for rank in range(world):
+        shard = cp.shard_layout(seq_len, rank, world, config.q_block)
+        mask = cp.shard_block_mask(stripes, layout, shard)
+        rows = cp.shard_sequence(q, rank, world, block=config.q_block)
+        got = compiled(rows, k, v, block_mask=mask, enable_gqa=True)
+        want = cp.shard_sequence(expected, rank, world, block=config.q_block)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
