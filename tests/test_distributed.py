@@ -286,7 +286,7 @@ def test_shard_block_mask_under_compiled_flex_equals_single_process():
     from torch.nn.attention.flex_attention import flex_attention
 
     seq_len, world = 2048, 2
-    q, k, v = _inputs(seq_len, batch=1, heads=4, kv_heads=2, seed=3)
+    q, k, v = _inputs(seq_len, batch=1, heads=8, kv_heads=2, dim=64, seed=3)
     config = SampleConfig(min_seq_len=0, q_block=128, kv_block=128, alpha=0.8)
     expected = sample_attention(q, k, v, config, enable_gqa=True)
     layout = make_layout(config, seq_len, q.device)
