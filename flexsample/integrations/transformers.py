@@ -17,9 +17,7 @@ is aligned to the END of the keys, by transformers' own masks.
 
 from __future__ import annotations
 
-import functools
 import sys
-import types
 from collections.abc import Callable
 
 import torch
@@ -198,9 +196,18 @@ def _eager_function(module_type: type):
     return getattr(sys.modules.get(module_type.__module__), "eager_attention_forward", None)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch 2.11's dynamo cannot trace the scan below
 def _refuses_sdpa(module_type: type) -> bool:
-    """Whether a model of the module's modeling file declares no SDPA support."""
+    """Whether a model of the module's modeling file declares no SDPA support (cached)."""
+    if module_type not in _sdpa_refusals:
+        _sdpa_refusals[module_type] = _scan_sdpa_refusal(module_type)
+    return _sdpa_refusals[module_type]
+
+
+_sdpa_refusals: dict[type, bool] = {}
+
+
+def _scan_sdpa_refusal(module_type: type) -> bool:
     modeling = sys.modules.get(module_type.__module__)
     models = (
         [
@@ -316,14 +323,15 @@ def _may_be_packed_causal(
     kwargs: dict,
 ) -> bool:
     """Whether a traced mask request has the shape of transformers' causal ∧ packed-sequence
-    mask of a prefill: a function built in the traced code (not the module-level causal or
-    bidirectional one) with no padding, cache, window, or user and/or mask function (those
+    mask of a prefill: a mask function other than the module-level causal or bidirectional
+    one, with no padding, cache, window, or user and/or mask function (those
     set `use_vmap`). Its parts cannot be read under tracing (dynamo neither reads closures
     nor, in torch 2.11, compares a nested function's name), so `packed_sequence_ids` checks
     the one other form transformers builds here (bidirectional blocks) by its values."""
+    # Identity tests only: torch 2.11's dynamo can neither compare a nested function's name
+    # nor always answer isinstance() on a function.
     return (
-        isinstance(mask_function, types.FunctionType)
-        and mask_function is not causal_mask_function
+        mask_function is not causal_mask_function
         and mask_function is not bidirectional_mask_function
         and not kwargs.get("use_vmap", False)
         and attention_mask is None
