@@ -63,9 +63,8 @@ def with_causal_mask_mod(block_mask: BlockMask) -> BlockMask:
 
     Exact for flexsample's own masks only: their partial blocks are the diagonal ones, where
     the sampled rule is the causal one. Flex's fused kernels read the mask_mod only on partial
-    blocks, and one that captures no tensor lets a single compiled flex serve every length
-    (FLASH raises "NYI: mask_mod captures a dynamic scalar" for `sampled_causal_mask_mod` at
-    a second length, torch 2.11).
+    blocks, so there the kernel skips the sampled rule's gathers, and the compiled flex has no
+    captured tensors to guard on.
     """
     return BlockMask.from_kv_blocks(
         block_mask.kv_num_blocks,
