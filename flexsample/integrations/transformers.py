@@ -324,12 +324,11 @@ def _may_be_packed_causal(
 ) -> bool:
     """Whether a traced mask request has the shape of transformers' causal ∧ packed-sequence
     mask of a prefill: a mask function other than the module-level causal or bidirectional
-    one, with no padding, cache, window, or user and/or mask function (those
-    set `use_vmap`). Its parts cannot be read under tracing (dynamo neither reads closures
-    nor, in torch 2.11, compares a nested function's name), so `packed_sequence_ids` checks
-    the one other form transformers builds here (bidirectional blocks) by its values."""
-    # Identity tests only: torch 2.11's dynamo can neither compare a nested function's name
-    # nor always answer isinstance() on a function.
+    one, with no padding, cache, window, or user and/or mask function (those set `use_vmap`).
+    Its parts cannot be read under tracing (dynamo reads no closures), so
+    `packed_sequence_ids` checks the one other form transformers builds here (bidirectional
+    blocks) by its values. Only identity tests here: torch 2.11's dynamo can neither compare
+    a nested function's name nor always answer isinstance() on a function."""
     return (
         mask_function is not causal_mask_function
         and mask_function is not bidirectional_mask_function
