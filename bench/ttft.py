@@ -17,9 +17,10 @@ One row per (length, mode). Modes (`--modes`, default all but `flexsample`):
 - `door ~10%` / `door default`: `flexsample.integrations.transformers.register(cfg)`, the
   model switched to `attn_implementation="flexsample"`, then `torch.compile(model,
   dynamic=True)` (inductor): the path that passes no S×S mask.
-- `door ~10% layers`: the same door, compiled by region: each decoder layer
-  `layer.compile(dynamic=True)` (one compiled graph shared by the 32 identical layers), the
-  rest eager: the compile-time option.
+- `door ~10% layers`: the same door, compiled by region
+  (`integrations.transformers.compile_model`: each decoder layer `layer.compile(dynamic=True)`,
+  one compiled graph shared by the 32 identical layers), the rest eager: the compile-time
+  option.
 Random weights give near-uniform attention, so the default config keeps almost every block:
 its rows measure overhead, not the benefit on a trained model.
 
@@ -252,14 +253,12 @@ def build(mode: str, models: Models, compiler: str = "inductor"):
         backend = flexsample_backend(config, compiler)
         return torch.compile(models.get("sdpa"), backend=backend, dynamic=True), config
     if mode.startswith("door"):
-        from flexsample.integrations.transformers import register
+        from flexsample.integrations.transformers import compile_model, register
 
         config = config_of(mode, base)
         model = models.get(register(config))  # re-registering replaces the config
         if mode.endswith(" layers"):
-            for layer in model.model.layers:
-                layer.compile(backend=compiler, dynamic=True)
-            return model, config
+            return compile_model(model, config, backend=compiler), config
         return torch.compile(model, backend=compiler, dynamic=True), config
     raise ValueError(f"unknown mode {mode!r}; known: {ALL_MODES}")
 

@@ -186,3 +186,28 @@ def test_unreadable_traced_mask_is_refused_not_guessed():
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(ValueError, match="neither causal nor causal within packed"):
         torch.ops.flexsample.sample_attention(q, q, q, seq_ids, None, False, "{}", "")
+
+
+@pytest.mark.slow
+def test_compile_model_is_the_door_compiled_by_layer():
+    """One line: door + regional compilation; equals the uncompiled door, runs sparse, serves a
+    second length; a model without decoder layers is a clear error."""
+    from flexsample.integrations.transformers import compile_model
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    expected_model = tiny_model("llama", attn_implementation="sdpa")
+    torch._dynamo.reset()
+    compile_model(model, SPARSE, backend="aot_eager")
+    assert model.config._attn_implementation == "flexsample"
+    with torch.no_grad():
+        for length in (300, 360):
+            ids = _ids(length=length)
+            register(SPARSE)
+            expected_model.set_attn_implementation("flexsample")
+            expected = expected_model(ids).logits
+            flexsample.path_counts.clear()
+            got = model(ids).logits
+            assert flexsample.path_counts == {"sparse": 2}
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="no transformers decoder layers"):
+        compile_model(torch.nn.Linear(2, 2))

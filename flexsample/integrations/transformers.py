@@ -357,3 +357,31 @@ def packed_sequence_ids(
     starts = torch.cat([torch.zeros_like(joined[:, :1]), ~joined], dim=1)
     ids = starts.cumsum(-1)
     return torch.where(ahead.any(-1, keepdim=True), -1, ids)
+
+
+def compile_model(
+    model: PreTrainedModel, config: SampleConfig | None = None, **compile_kwargs
+) -> PreTrainedModel:
+    """The one line for a compiled prefill: `model` switched to the door (`register(config)`)
+    and each decoder layer compiled with a dynamic length (regional compilation: identical
+    layers share one graph; `compile_kwargs` go to `torch.compile`, e.g. `backend`). Returns
+    `model`, changed in place.
+
+    Measured on a random-init Llama-3-8B shape (bench/ttft.py, "door ~10% layers", H200): first
+    compile 4.3 s against 55.7 s for `torch.compile(model)`, prefill as fast or faster, peak
+    memory at 128K below eager SDPA's. The decoder layers are transformers'
+    `GradientCheckpointingLayer` modules; a model without any raises `ValueError`.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers decoder layers "
+            "(GradientCheckpointingLayer) to compile: use torch.compile(model) after "
+            "register() and set_attn_implementation() instead"
+        )
+    model.set_attn_implementation(register(config))
+    for layer in layers:
+        layer.compile(dynamic=True, **compile_kwargs)
+    return model
