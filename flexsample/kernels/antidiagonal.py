@@ -75,6 +75,20 @@ def _tile_logits(acc, n, m, row_scale, diag_logit):
 
 
 @triton.jit
+def _segment(row_ptrs, ok, d, stride_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns `d` of the rows starting at `row_ptrs` `[rows]`: `[rows, BLOCK_K]`, 0 where not
+    `ok` (past S, padding rows) and past the head dim."""
+    x = tl.load(
+        row_ptrs[:, None] + d[None, :] * stride_d,
+        mask=ok[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _q_cells(
     q_rows,
     m,
@@ -89,17 +103,11 @@ def _q_cells(
     UPCAST: tl.constexpr,
 ):
     """Columns `d` of segment `seg` of Q' for strided rows `m` (q_rows: each row's head base
-    pointer): `[rows, BLOCK_K]`, 0 past S and in padding rows."""
+    pointer): q's rows m*s + order(m, seg)."""
     row = m * STRIDE + _order(m, seg, STRIDE)
     # int64 offsets: at 1M tokens head * stride_qh (32 heads x S x D) passes 2^31.
-    x = tl.load(
-        q_rows[:, None] + row[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd,
-        mask=(row_ok & (row < seq_len))[:, None] & (d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+    row_ptrs = q_rows + row.to(tl.int64) * stride_qs
+    return _segment(row_ptrs, row_ok & (row < seq_len), d, stride_qd, HEAD_DIM, UPCAST)
 
 
 @triton.jit
@@ -115,16 +123,10 @@ def _k_cells(
     STRIDE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Columns `d` of segment `seg` of K' for strided keys `n`: `[keys, BLOCK_K]`, 0 past S."""
+    """Columns `d` of segment `seg` of K' for strided keys `n`: k's rows n*s + seg."""
     key = n * STRIDE + seg
-    x = tl.load(
-        k_base + key[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd,
-        mask=(key < seq_len)[:, None] & (d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+    row_ptrs = k_base + key.to(tl.int64) * stride_ks
+    return _segment(row_ptrs, key < seq_len, d, stride_kd, HEAD_DIM, UPCAST)
 
 
 @triton.jit
@@ -169,10 +171,11 @@ def _strided_lse_kernel(
     b = bk // kv_heads
     offs_r = tl.arange(0, G_PAD * ROWS)
     g = offs_r // ROWS
+    head = bk % kv_heads * GROUP + g
     m = row0 + tile * ROWS + offs_r % ROWS  # strided row of each program row
     row_ok = (g < GROUP) & (m < num_strided)
     n_end = tl.minimum(row0 + (tile + 1) * ROWS, num_strided)  # keys n <= the last row
-    q_rows = Q + b.to(tl.int64) * stride_qb + (bk % kv_heads * GROUP + g).to(tl.int64) * stride_qh
+    q_rows = Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (bk % kv_heads).to(tl.int64) * stride_kh
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -194,8 +197,7 @@ def _strided_lse_kernel(
     diag_logit = tl.where(diag_count > 0, diag * diag_scale, float("-inf"))
 
     # Scratch layout [B * Hq, chunk_rows, width]: a row's sub-blocks are contiguous.
-    scratch_row = (b * kv_heads * GROUP + bk % kv_heads * GROUP + g).to(tl.int64) * chunk_rows
-    scratch_row += m - row0
+    scratch_row = (b * kv_heads * GROUP + head).to(tl.int64) * chunk_rows + (m - row0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_N // SUB)
     m_i = tl.full([G_PAD * ROWS], float("-inf"), tl.float32)
