@@ -5,8 +5,9 @@ timed end to end), sparse flex_attention with that mask, build + attention, dens
 (SDPA cuDNN and flash on K/V expanded to 32 heads, SDPA default with enable_gqa, dense flex with
 full blocks), peak memory of the mask build, density. Then a sample-ratio sweep: overhead vs
 true CRA (estimated on 1024 evenly spaced rows). Then the antidiagonal estimator (ALGORITHM §9)
-at each `--strides` x `--antidiagonal-alphas`: its stages (strided scores, per-block selection,
-BlockMask), build vs its own sparse attention, total vs cuDNN, density and true CRA.
+at each `--strides` x `--antidiagonal-alphas` x score backend (the Triton kernels and the
+chunked PyTorch path on CUDA): its stages (strided scores, per-block selection, BlockMask), build
+vs its own sparse attention, total vs cuDNN, density and true CRA.
 Writes bench/results/mask_build.{md,json}.
 
 GPU: `python -m bench.mask_build`; CPU smoke run: `python -m bench.mask_build --cpu-smoke`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import torch
 
@@ -77,6 +79,7 @@ ANTIDIAGONAL_COLUMNS = [
     "S",
     "stride",
     "alpha",
+    "backend",
     *BUILD_COLUMNS,
     "x vs cuDNN",
     "CRA mean",
@@ -171,25 +174,29 @@ def main(argv: list[str] | None = None) -> None:
             progress(
                 f"  ratio {ratio}: build/attn={sweep['build/attn']:.3f} CRA={sweep['CRA mean']:.4f}"
             )
-        for stride in args.strides:
-            for alpha in args.antidiagonal_alphas:
-                config = dataclasses.replace(
-                    base, estimator="antidiagonal", stride=stride, alpha=alpha
-                )
-                measured = {
-                    "S": seq_len,
-                    "stride": stride,
-                    "alpha": alpha,
-                    **_measure(x.q, x.k, x.v, config, with_cra=True),
-                }
-                if "SDPA cuDNN ms" in row:
-                    measured["x vs cuDNN"] = row["SDPA cuDNN ms"] / measured["total ms"]
-                antidiagonal_rows.append(measured)
-                progress(
-                    f"  antidiagonal s={stride} a={alpha}: build={measured['mask build ms']:.3g} "
-                    f"attn={measured['sparse attn ms']:.3g} density={measured['density']:.3f} "
-                    f"CRA={measured['CRA mean']:.4f}"
-                )
+        backends = ["triton", "torch"] if device == "cuda" else ["torch"]
+        for stride, alpha, backend in itertools.product(
+            args.strides, args.antidiagonal_alphas, backends
+        ):
+            config = dataclasses.replace(
+                base, estimator="antidiagonal", stride=stride, alpha=alpha, score_backend=backend
+            )
+            measured = {
+                "S": seq_len,
+                "stride": stride,
+                "alpha": alpha,
+                "backend": backend,
+                **_measure(x.q, x.k, x.v, config, with_cra=True),
+            }
+            if "SDPA cuDNN ms" in row:
+                measured["x vs cuDNN"] = row["SDPA cuDNN ms"] / measured["total ms"]
+            antidiagonal_rows.append(measured)
+            progress(
+                f"  antidiagonal s={stride} a={alpha} {backend}: "
+                f"scores={measured['scores ms']:.3g} build={measured['mask build ms']:.3g} "
+                f"attn={measured['sparse attn ms']:.3g} density={measured['density']:.3f} "
+                f"CRA={measured['CRA mean']:.4f}"
+            )
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -205,10 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         "uses enable_gqa=True. 'flex dense' is compiled flex_attention with every causal block "
         "(blocks below the diagonal as full blocks).",
         "CRA columns: true CRA of the built mask on 1024 evenly spaced rows (all heads).",
-        "Antidiagonal rows: the base config with estimator='antidiagonal' and the row's stride "
-        "and alpha (ALGORITHM §9); scores = the strided antidiagonal estimate (chunked PyTorch "
-        "path), select = the per-query-block shortest prefix, BlockMask = keep_block_mask; "
-        "'x vs cuDNN' = the S row's SDPA cuDNN time / this row's total.",
+        "Antidiagonal rows: the base config with estimator='antidiagonal' and the row's stride, "
+        "alpha and score_backend (ALGORITHM §9); scores = the strided antidiagonal estimate "
+        "(triton: flexsample/kernels/antidiagonal.py, what 'auto' runs on CUDA; torch: the "
+        "chunked PyTorch path), select = the per-query-block shortest prefix, BlockMask = "
+        "keep_block_mask; 'x vs cuDNN' = the S row's SDPA cuDNN time / this row's total.",
     ]
     tables = [
         ("Mask build vs attention", MAIN_COLUMNS, main_rows),

@@ -6,8 +6,9 @@ head, so rows that copy from their own earlier positions (slash lines) are invis
 Here every query row takes part: an s x s cell of the attention matrix is scored by a
 dot product along one of its antidiagonals, and every antidiagonal crosses every column, so
 both column and slash patterns reach the estimate at ~1/s of attention's QK^T FLOPs.
-The chunked PyTorch path below is the fast path; `reference.reference_antidiagonal_scores` is
-its spec.
+On CUDA the Triton kernels of `flexsample/kernels/antidiagonal.py` compute the estimate; the
+chunked PyTorch path below serves CPU and traced code. `reference.reference_antidiagonal_scores`
+is their spec.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from flexsample.config import SampleConfig
+from flexsample.layout import use_kernels
 from flexsample.selection import shortest_prefix
 
-#: Logits per chunk of query blocks (all heads): 128M = 256 MiB in bf16 plus 512 MiB of fp32
-#: probabilities; memory O(chunk × S/s), never (S/s)².
+#: Temporaries per step. PyTorch path: logits per chunk of query blocks (all heads), 128M =
+#: 256 MiB in bf16 plus 512 MiB of fp32 probabilities; memory O(chunk × S/s), never (S/s)².
+#: Kernels: fp32 log-sum-exps per launch (512 MiB).
 CHUNK_ELEMENTS = 1 << 27
 
 
@@ -54,8 +57,27 @@ def antidiagonal_scores(
     The strided logit of cell (m, n) is `scale` times the MEAN of q.k over the antidiagonal's
     cells that are real (row < S) and causal (key <= row); each strided row's softmax over
     n <= m is summed into blocks, so a query block's row of the result sums to its number of
-    strided rows with a real row. Chunks of query blocks keep temporaries O(chunk × S/s).
+    strided rows with a real row. The Triton kernels where `layout.use_kernels`, else the
+    chunked PyTorch path; `chunk_elements` bounds either's temporaries (a chunk's logits, the
+    kernels' per-launch scratch).
     """
+    if use_kernels(config, q.device):
+        from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
+
+        return triton_antidiagonal_scores(q, k, config, scale, chunk_elements=chunk_elements)
+    return torch_antidiagonal_scores(q, k, config, scale, chunk_elements=chunk_elements)
+
+
+def torch_antidiagonal_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig,
+    scale: float,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """The PyTorch path of `antidiagonal_scores`: chunks of query blocks keep temporaries
+    O(chunk × S/s)."""
     batch, heads, seq_len, dim = q.shape
     kv_heads, group = k.shape[1], heads // k.shape[1]
     s, q_block, kv_block = config.stride, config.q_block, config.kv_block

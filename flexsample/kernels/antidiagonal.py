@@ -1,0 +1,403 @@
+"""Triton kernels for the antidiagonal estimate (ALGORITHM §9): the result of
+`antidiagonal.torch_antidiagonal_scores`, with no strided logits in memory.
+
+A program owns `BLOCK_M` rows: `BLOCK_M // G_PAD` consecutive strided rows of every query head
+that shares one KV head (GQA: one K' tile serves the group, and all the program's rows end
+their causal key range at the same strided key). Q' rows are gathered from q with the
+alternating antidiagonal order (`antidiagonal.strided_order`); K' is k's rows `[S/s, s*D]`,
+read through k's strides. Two launches per chunk of strided rows:
+
+1. `_strided_lse_kernel`: for each tile of `BLOCK_N` causal strided keys, the scaled strided
+   logits by `tl.dot` over s*D in `BLOCK_K` steps (the diagonal cell replaced by its causal
+   cells' mean, computed before the loop), then each row's log-sum-exp over every `sub` keys
+   (`sub` = the strided keys of a key block, or `BLOCK_N` if a key block is wider) stored in a
+   `[rows, sub-blocks]` scratch slice, and the row's online (max, sum), stored per row;
+2. `_block_mass_kernel`: one program per (batch, head, query block) sums
+   `exp2(lse_sub - lse_row)` over the query block's strided rows and each key block's
+   sub-blocks: the estimate.
+
+Why one pass with a scratch instead of two passes over K': the QK'^T FLOPs are the cost
+(`S^2*D/s` per head: 8.8 TFLOP at 128K on Llama-3-8B with s = 8), and a second pass would
+redo them to normalise the probabilities. The scratch is one fp32 per (strided row, key block):
+`kv_block / s` times smaller than the logits (16x at the default 128 / 8), ~2 GiB at 128K over
+32 heads, written and read once (~1.4 ms of HBM traffic; the FLOPs take 10-20 ms at 50-90% of
+the H100's bf16 peak).
+Its footprint is bounded by launching chunks of strided rows (`chunk_elements` floats per
+launch); each chunk's programs then have similar causal lengths, and within a launch the
+longest tiles run first. Every output is written by one program: no atomics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from flexsample.config import SampleConfig
+
+#: Rows per program (group heads x strided rows), strided keys per tile, s*D elements per dot
+#: step, warps and pipeline stages of the first kernel. Q' (BLOCK_M x s*D, 256 KiB in bf16 at
+#: s = 8) is re-read for every key tile and the programs in flight hold more of it than the
+#: H100's L2, so BLOCK_N sets Q' traffic per FLOP (1/BLOCK_N bytes in bf16): 128, where 64
+#: would bound the kernel near 200 TFLOP/s on HBM. Compiled for sm_90 (bf16, D 128, s 8 or 16):
+#: wgmma with cp.async pipelining, 128 registers, 96 KiB shared memory, no spills, so two
+#: programs per SM. Not yet swept on a GPU: `python -m bench.antidiagonal_kernel`.
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 3
+
+
+@triton.jit
+def _order(m, a, STRIDE: tl.constexpr):
+    """Row offset of segment `a` of strided row `m` (`antidiagonal.strided_order`)."""
+    return tl.where(m % 2 == 1, (STRIDE - a) % STRIDE, STRIDE - 1 - a)
+
+
+@triton.jit
+def _cell_counts(m, seq_len, STRIDE: tl.constexpr):
+    """The mean's cell counts of strided rows `m`: real cells (row < S), and the real causal
+    ones of the diagonal cell (m, m)."""
+    a = tl.arange(0, STRIDE)
+    order = _order(m[:, None], a[None, :], STRIDE)
+    real = m[:, None] * STRIDE + order < seq_len
+    causal = order >= a[None, :]
+    return tl.sum(real.to(tl.int32), 1), tl.sum((real & causal).to(tl.int32), 1)
+
+
+@triton.jit
+def _tile_logits(acc, n, m, row_scale, diag_logit):
+    """Log2-domain strided logits `[rows, keys]` from the tile's dots `acc`: the mean over the
+    cell's real cells, the diagonal's own (causal) mean, -inf past the diagonal."""
+    logit = tl.where(n[None, :] == m[:, None], diag_logit[:, None], acc * row_scale[:, None])
+    return tl.where(n[None, :] <= m[:, None], logit, float("-inf"))
+
+
+@triton.jit
+def _segment(row_ptrs, ok, d, stride_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns `d` of the rows starting at `row_ptrs` `[rows]`: `[rows, BLOCK_K]`, 0 where not
+    `ok` (past S, padding rows) and past the head dim."""
+    x = tl.load(
+        row_ptrs[:, None] + d[None, :] * stride_d,
+        mask=ok[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _q_cells(
+    q_rows,
+    m,
+    seg,
+    d,
+    row_ok,
+    seq_len,
+    stride_qs,
+    stride_qd,
+    HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Columns `d` of segment `seg` of Q' for strided rows `m` (q_rows: each row's head base
+    pointer): q's rows m*s + order(m, seg)."""
+    row = m * STRIDE + _order(m, seg, STRIDE)
+    # int64 offsets: at 1M tokens head * stride_qh (32 heads x S x D) passes 2^31.
+    row_ptrs = q_rows + row.to(tl.int64) * stride_qs
+    return _segment(row_ptrs, row_ok & (row < seq_len), d, stride_qd, HEAD_DIM, UPCAST)
+
+
+@triton.jit
+def _k_cells(
+    k_base,
+    n,
+    seg,
+    d,
+    seq_len,
+    stride_ks,
+    stride_kd,
+    HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Columns `d` of segment `seg` of K' for strided keys `n`: k's rows n*s + seg."""
+    key = n * STRIDE + seg
+    row_ptrs = k_base + key.to(tl.int64) * stride_ks
+    return _segment(row_ptrs, key < seq_len, d, stride_kd, HEAD_DIM, UPCAST)
+
+
+@triton.jit
+def _strided_lse_kernel(
+    Q,
+    K,
+    BLOCK_LSE,
+    ROW_LSE,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    seq_len,
+    num_strided,
+    kv_heads,
+    row0,
+    tiles,
+    chunk_rows,
+    width,
+    scale_log2e,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr,
+    SUB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Longest tiles (last strided rows) first, for every (batch, KV head): short ones fill the
+    # last wave.
+    groups = tl.num_programs(0) // tiles
+    tile = tiles - 1 - tl.program_id(0) // groups
+    bk = tl.program_id(0) % groups
+    b = bk // kv_heads
+    offs_r = tl.arange(0, G_PAD * ROWS)
+    g = offs_r // ROWS
+    head = bk % kv_heads * GROUP + g
+    m = row0 + tile * ROWS + offs_r % ROWS  # strided row of each program row
+    row_ok = (g < GROUP) & (m < num_strided)
+    n_end = tl.minimum(row0 + (tile + 1) * ROWS, num_strided)  # keys n <= the last row
+    q_rows = Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + (bk % kv_heads).to(tl.int64) * stride_kh
+    offs_k = tl.arange(0, BLOCK_K)
+
+    count, diag_count = _cell_counts(m, seq_len, STRIDE)
+    # The diagonal cell (m, m) over its causal cells only: the tiles' dot sums all s of them.
+    diag = tl.zeros([G_PAD * ROWS], tl.float32)
+    for c in range(0, STRIDE * D_CHUNKS):
+        seg = c // D_CHUNKS
+        d = c % D_CHUNKS * BLOCK_K + offs_k
+        qc = _q_cells(
+            q_rows, m, seg, d, row_ok, seq_len, stride_qs, stride_qd, HEAD_DIM, STRIDE, UPCAST
+        )
+        kc = _k_cells(k_base, m, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST)
+        prod = tl.sum(qc.to(tl.float32) * kc.to(tl.float32), 1)
+        diag += tl.where(_order(m, seg, STRIDE) >= seg, prod, 0.0)
+    # fp32 casts: under inductor a float argument arrives as fp64 and would promote the logits.
+    row_scale = (scale_log2e / tl.maximum(count, 1)).to(tl.float32)
+    diag_scale = (scale_log2e / tl.maximum(diag_count, 1)).to(tl.float32)
+    diag_logit = tl.where(diag_count > 0, diag * diag_scale, float("-inf"))
+
+    # Scratch layout [B * Hq, chunk_rows, width]: a row's sub-blocks are contiguous.
+    scratch_row = (b * kv_heads * GROUP + head).to(tl.int64) * chunk_rows + (m - row0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_N // SUB)
+    m_i = tl.full([G_PAD * ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD * ROWS], tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        n = n0 + offs_n
+        acc = tl.zeros([G_PAD * ROWS, BLOCK_N], tl.float32)
+        for c in range(0, STRIDE * D_CHUNKS):
+            seg = c // D_CHUNKS
+            d = c % D_CHUNKS * BLOCK_K + offs_k
+            qc = _q_cells(
+                q_rows, m, seg, d, row_ok, seq_len, stride_qs, stride_qd, HEAD_DIM, STRIDE, UPCAST
+            )
+            kc = _k_cells(
+                k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
+            )
+            acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+        logit = _tile_logits(acc, n, m, row_scale, diag_logit)
+        cells = tl.reshape(logit, (G_PAD * ROWS, BLOCK_N // SUB, SUB))
+        m_sub = tl.max(cells, 2)
+        m_sub = tl.where(m_sub == float("-inf"), 0.0, m_sub)  # sub-blocks with no causal key
+        sum_sub = tl.sum(tl.exp2(cells - m_sub[:, :, None]), 2)
+        lse_sub = tl.where(
+            sum_sub > 0, m_sub + tl.log2(tl.where(sum_sub > 0, sum_sub, 1.0)), float("-inf")
+        )
+        j = n0 // SUB + offs_j
+        tl.store(
+            BLOCK_LSE + scratch_row[:, None] * width + j[None, :],
+            lse_sub,
+            mask=row_ok[:, None] & (j[None, :] * SUB < n_end),
+        )
+        m_new = tl.maximum(m_i, tl.max(lse_sub, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(lse_sub - m_ref[:, None]), 1)
+        m_i = m_new
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    # +inf for a row without a finite logit (row 0 when S < s/2): its mass below is then 0.
+    lse = tl.where(l_i > 0, m_ref + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    tl.store(ROW_LSE + scratch_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_mass_kernel(
+    BLOCK_LSE,
+    ROW_LSE,
+    EST,
+    num_strided,
+    row0,
+    q_block0,
+    chunk_rows,
+    width,
+    num_q,
+    num_kv,
+    PER_Q: tl.constexpr,
+    SUB: tl.constexpr,
+    SUBS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    qb = q_block0 + tl.program_id(0)
+    bh = tl.program_id(1)  # batch * Hq + head: the scratch's and the estimate's leading index
+    first = qb * PER_Q
+    last = tl.minimum(first + PER_Q, num_strided)
+    num_sub = (last - 1) // SUB + 1  # sub-blocks with a key causal for the block's last row
+    out = EST + (bh.to(tl.int64) * num_q + qb) * num_kv
+    offs_j = tl.arange(0, BLOCK_J)
+    for j0 in range(0, num_sub, BLOCK_J):
+        j = j0 + offs_j
+        mass = tl.zeros([BLOCK_J], tl.float32)
+        for r0 in range(first, last, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rows = bh.to(tl.int64) * chunk_rows + (r - row0)
+            lse = tl.load(ROW_LSE + rows, mask=r < last, other=float("inf"))
+            # Only entries the first kernel wrote: sub-blocks starting at or before the row.
+            ok = (r[:, None] < last) & (j[None, :] * SUB <= r[:, None])
+            lse_sub = tl.load(
+                BLOCK_LSE + rows[:, None] * width + j[None, :], mask=ok, other=float("-inf")
+            )
+            mass += tl.sum(tl.where(ok, tl.exp2(lse_sub - lse[:, None]), 0.0), 0)
+        kb = j0 // SUBS + tl.arange(0, BLOCK_J // SUBS)
+        block_mass = tl.sum(tl.reshape(mass, (BLOCK_J // SUBS, SUBS)), 1)
+        tl.store(out + kb, block_mass, mask=kb * SUBS < num_sub)
+
+
+@triton_op("flexsample::antidiagonal_scores", mutates_args=())
+def antidiagonal_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    stride: int,
+    q_block: int,
+    kv_block: int,
+    chunk_elements: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> the estimate `[B, Hq, nQ, nKV]` (fp32, zeros
+    above the diagonal). Strided rows are launched in chunks whose scratch holds at most
+    `chunk_elements` floats (or one query block / tile of rows, whichever is more); the other
+    arguments are the first kernel's launch parameters."""
+    batch, heads, seq_len, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    num_q, num_kv = triton.cdiv(seq_len, q_block), triton.cdiv(seq_len, kv_block)
+    num_strided = triton.cdiv(seq_len, stride)
+    per_q, per_kv = q_block // stride, kv_block // stride
+    g_pad = triton.next_power_of_2(group)
+    rows = max(1, block_m // g_pad)  # strided rows per head of a program
+    sub = min(block_n, per_kv)  # strided keys per scratch entry (both powers of two)
+    width = triton.cdiv(num_strided, sub)
+    unit = max(rows, per_q)  # chunks hold whole tiles and whole query blocks
+    chunk_rows = max(unit, chunk_elements // (batch * heads * width) // unit * unit)
+    chunk_rows = min(chunk_rows, triton.cdiv(num_strided, unit) * unit)
+    est = torch.zeros(batch, heads, num_q, num_kv, device=q.device)
+    block_lse = torch.empty(batch * heads, chunk_rows, width, device=q.device)
+    row_lse = torch.empty(batch * heads, chunk_rows, device=q.device)
+    upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    block_k = min(block_k, max(16, triton.next_power_of_2(dim)))
+    block_r = min(32, triton.next_power_of_2(per_q))
+    for row0 in range(0, num_strided, chunk_rows):
+        chunk = min(chunk_rows, num_strided - row0)
+        tiles = triton.cdiv(chunk, rows)
+        wrap_triton(_strided_lse_kernel)[(tiles * batch * kv_heads,)](
+            q,
+            k,
+            block_lse,
+            row_lse,
+            *q.stride(),
+            *k.stride(),
+            seq_len,
+            num_strided,
+            kv_heads,
+            row0,
+            tiles,
+            chunk_rows,
+            width,
+            scale * math.log2(math.e),
+            GROUP=group,
+            G_PAD=g_pad,
+            ROWS=rows,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            D_CHUNKS=triton.cdiv(dim, block_k),
+            HEAD_DIM=dim,
+            STRIDE=stride,
+            SUB=sub,
+            UPCAST=upcast,
+            PRECISION="ieee" if upcast else "tf32",
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+        wrap_triton(_block_mass_kernel)[(triton.cdiv(chunk, per_q), batch * heads)](
+            block_lse,
+            row_lse,
+            est,
+            num_strided,
+            row0,
+            row0 // per_q,
+            chunk_rows,
+            width,
+            num_q,
+            num_kv,
+            PER_Q=per_q,
+            SUB=sub,
+            SUBS=per_kv // sub,
+            BLOCK_R=block_r,
+            BLOCK_J=max(per_kv // sub, 64),
+        )
+    return est
+
+
+def triton_antidiagonal_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig,
+    scale: float,
+    *,
+    chunk_elements: int,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
+) -> torch.Tensor:
+    """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
+    tests and sweeps."""
+    return antidiagonal_block_scores(
+        q,
+        k,
+        scale,
+        config.stride,
+        config.q_block,
+        config.kv_block,
+        chunk_elements,
+        block_m,
+        block_n,
+        block_k,
+        num_warps,
+        num_stages,
+    )

@@ -1,0 +1,158 @@
+"""The antidiagonal estimate's Triton kernels (ALGORITHM §9) vs the reference: the interpreter
+on CPU (small shapes), the PyTorch path on the GPU at a Llama-3-8B shape."""
+
+from unittest import mock
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flexsample import SampleConfig
+from flexsample.antidiagonal import CHUNK_ELEMENTS, antidiagonal_scores, torch_antidiagonal_scores
+from flexsample.kernels import antidiagonal as kernels
+from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
+from flexsample.reference import reference_antidiagonal_scores
+
+from strategies import qkv
+from tolerance import ANTIDIAG_KERNEL_REL_RMS, ANTIDIAG_REL_RMS, rel_rms
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _scores(q, k, config, scale, **launch):
+    return triton_antidiagonal_scores(
+        q, k, config, scale, **({"chunk_elements": CHUNK_ELEMENTS} | launch)
+    )
+
+
+def _check(got, q, k, config, scale):
+    """`got` matches the reference; each strided row with a real row sums to one; zeros above
+    the diagonal."""
+    err = rel_rms(got, reference_antidiagonal_scores(q, k, config, scale))
+    assert err <= ANTIDIAG_KERNEL_REL_RMS, f"relative RMS error {err:.3g}"
+    seq_len, s = q.shape[2], config.stride
+    first = torch.arange(got.shape[-2], device=q.device) * config.q_block
+    rows = torch.clamp(seq_len - first, max=config.q_block)
+    if seq_len >= s:
+        torch.testing.assert_close(got.sum(-1), (rows / s).ceil().expand_as(got[..., 0]))
+    last_block = (first + rows - 1) // config.kv_block
+    future = torch.arange(got.shape[-1], device=q.device) > last_block[:, None]
+    assert (got[..., future] == 0).all() and (got >= 0).all()
+
+
+@given(
+    qkv(max_len=160, head_dims=(16, 24, 64)),
+    st.sampled_from([1, 2, 4, 8, 16]),
+    st.sampled_from([16, 32, 64, 128]),
+    st.sampled_from([16, 32, 64, 128]),
+    st.sampled_from([1, CHUNK_ELEMENTS]),
+)
+def test_kernel_matches_reference(inputs, stride, q_block, kv_block, chunk_elements):
+    """Default tiles; chunk_elements 1 launches one query block or row tile at a time."""
+    q, k, _ = (x.to(DEVICE) for x in inputs)
+    stride = min(stride, q_block, kv_block)
+    config = SampleConfig(
+        estimator="antidiagonal", stride=stride, q_block=q_block, kv_block=kv_block
+    )
+    scale = q.shape[-1] ** -0.5
+    _check(_scores(q, k, config, scale, chunk_elements=chunk_elements), q, k, config, scale)
+
+
+@pytest.mark.parametrize(
+    "seq_len, stride, q_block, kv_block, dim",
+    [(77, 1, 16, 64, 24), (150, 4, 32, 16, 32), (201, 16, 16, 128, 16)],
+)
+def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim):
+    """Tiles small enough for several row and key tiles, dot steps per segment (D > BLOCK_K,
+    masked when D is not a multiple), launches, and key blocks wider than a key tile."""
+    gen = torch.Generator().manual_seed(seq_len)
+    q = torch.randn(2, 6, seq_len, dim, generator=gen).to(DEVICE)
+    k = torch.randn(2, 2, seq_len, dim, generator=gen).to(DEVICE)
+    config = SampleConfig(
+        estimator="antidiagonal", stride=stride, q_block=q_block, kv_block=kv_block
+    )
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1}
+    _check(_scores(q, k, config, 0.3, **launch), q, k, config, 0.3)
+
+
+@pytest.mark.parametrize(
+    "backend, kernel", [("torch", False), ("auto", DEVICE == "cuda"), ("triton", True)]
+)
+def test_the_estimate_takes_the_kernel_where_use_kernels(backend, kernel):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 90, 16, generator=gen).to(DEVICE)
+    k = torch.randn(1, 2, 90, 16, generator=gen).to(DEVICE)
+    config = SampleConfig(estimator="antidiagonal", q_block=16, kv_block=32, score_backend=backend)
+    with mock.patch.object(kernels, "antidiagonal_block_scores", return_value="kernel"):
+        assert (antidiagonal_scores(q, k, config, 0.25) == "kernel") is kernel
+
+
+def test_scores_do_not_depend_on_memory_layout():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 100, 4, 32, generator=gen).to(DEVICE).transpose(1, 2)  # [B, S, H, D]
+    k = torch.randn(2, 100, 2, 32, generator=gen).to(DEVICE).transpose(1, 2)
+    config = SampleConfig(estimator="antidiagonal", q_block=32, kv_block=32)
+    got = _scores(q, k, config, 0.2)
+    torch.testing.assert_close(got, _scores(q.contiguous(), k.contiguous(), config, 0.2))
+
+
+@triton.jit
+def _xattention_order(m, a, STRIDE: tl.constexpr):
+    return STRIDE - 1 - a + 0 * m
+
+
+@triton.jit
+def _no_causal_mask(acc, n, m, row_scale, diag_logit):
+    return tl.where(n[None, :] == m[:, None], diag_logit[:, None], acc * row_scale[:, None])
+
+
+@triton.jit
+def _sum_over_s(m, seq_len, STRIDE: tl.constexpr):  # the mean's count is s everywhere
+    return tl.full(m.shape, STRIDE, tl.int32), tl.full(m.shape, STRIDE, tl.int32)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches kernel helpers: interpreter only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "patch",
+    [
+        ("_order", _xattention_order),
+        ("_tile_logits", _no_causal_mask),
+        ("_cell_counts", _sum_over_s),
+    ],
+    ids=["XAttention's antidiagonal on every row", "no causal mask", "normaliser s"],
+)
+def test_planted_bugs_fail_the_kernel_check(dtype, patch):
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 4, 250, 32, generator=gen) * 2).to(dtype)
+    k = torch.randn(1, 2, 250, 32, generator=gen).to(dtype)
+    config = SampleConfig(estimator="antidiagonal", q_block=32, kv_block=32)
+    want = reference_antidiagonal_scores(q, k, config, 32**-0.5)
+    assert rel_rms(_scores(q, k, config, 32**-0.5), want) <= ANTIDIAG_KERNEL_REL_RMS
+    with mock.patch.object(kernels, *patch):
+        err = rel_rms(_scores(q, k, config, 32**-0.5), want)
+    assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"{patch[0]}: {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [8, 16])
+def test_kernel_matches_the_pytorch_path_at_llama_shape(stride):
+    """B 1, Hq 32, Hkv 8, D 128, S = 16K + 77 (odd: a partial strided row and query block),
+    bf16: the kernel against the PyTorch path, within the PyTorch path's own error bound."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    seq_len = 16384 + 77
+    q = torch.randn(1, 32, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k[:, :, torch.randint(0, seq_len, (64,), device="cuda", generator=gen)] *= 4  # heavy keys
+    config = SampleConfig(estimator="antidiagonal", stride=stride, alpha=0.9)
+    scale = 128**-0.5
+    got = antidiagonal_scores(q, k, config, scale)  # auto on CUDA: the kernel
+    want = torch_antidiagonal_scores(q, k, config, scale)
+    err = rel_rms(got, want)
+    assert err <= ANTIDIAG_REL_RMS[torch.bfloat16], f"relative RMS error {err:.3g}"
+    torch.testing.assert_close(
+        got.sum(-1)[..., :-1], torch.full_like(got[..., :-1, 0], 128 / stride)
+    )
