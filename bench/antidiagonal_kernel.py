@@ -24,6 +24,7 @@ from flexsample.synthetic import structured_qkv
 COLUMNS = [
     "S",
     "stride",
+    "cell_score",
     "path",
     "block_m",
     "block_n",
@@ -37,10 +38,12 @@ COLUMNS = [
 ]
 
 
-def _sweep(seq_len: int, stride: int, args: argparse.Namespace) -> list[dict]:
-    """Rows of one (S, stride): the PyTorch path, then each launch of the kernels."""
+def _sweep(seq_len: int, stride: int, cell_score: str, args: argparse.Namespace) -> list[dict]:
+    """Rows of one (S, stride, cell score): the PyTorch path, then each launch of the kernels."""
     x = structured_qkv(1, 32, 8, seq_len, 128, dtype=torch.bfloat16, device="cuda")
-    config = SampleConfig(estimator="antidiagonal", stride=stride, min_seq_len=0)
+    config = SampleConfig(
+        estimator="antidiagonal", stride=stride, cell_score=cell_score, min_seq_len=0
+    )
     scale = 128**-0.5
     strided = seq_len / stride
     flops = 32 * strided * (strided + 1) / 2 * 2 * stride * 128
@@ -53,7 +56,7 @@ def _sweep(seq_len: int, stride: int, args: argparse.Namespace) -> list[dict]:
         }
 
     want = torch_antidiagonal_scores(x.q, x.k, config, scale).double()
-    base = {"S": seq_len, "stride": stride}
+    base = {"S": seq_len, "stride": stride, "cell_score": cell_score}
     rows = [
         base
         | {"path": "torch"}
@@ -63,7 +66,7 @@ def _sweep(seq_len: int, stride: int, args: argparse.Namespace) -> list[dict]:
     for launch in itertools.product(
         args.block_m, args.block_n, args.block_k, args.warps, args.stages
     ):
-        knobs = dict(zip(COLUMNS[3:8], launch, strict=True))
+        knobs = dict(zip(COLUMNS[4:9], launch, strict=True))
 
         def run(knobs=knobs):
             return kernels.triton_antidiagonal_scores(
@@ -90,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-k", type=int, nargs="+", default=[64])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[3])
+    parser.add_argument("--cell-scores", nargs="+", choices=["max", "mean"], default=["max"])
     args = parser.parse_args(argv)
     rows = []
-    for seq_len, stride in itertools.product(args.lengths, args.strides):
-        rows += _sweep(seq_len, stride, args)
+    for seq_len, stride, cell in itertools.product(args.lengths, args.strides, args.cell_scores):
+        rows += _sweep(seq_len, stride, cell, args)
         torch.cuda.empty_cache()
     default = {
         "block_m": kernels.BLOCK_M,

@@ -23,7 +23,14 @@ import dataclasses
 import torch
 
 from bench.dense import dense_baselines
-from bench.harness import RESULTS, add_antidiagonal_arguments, progress, time_ms, write_results
+from bench.harness import (
+    RESULTS,
+    add_antidiagonal_arguments,
+    antidiagonal_configs,
+    progress,
+    time_ms,
+    write_results,
+)
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
 from flexsample.flex_backend import flash_unavailable_reason, kernel_options
@@ -131,13 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = (
         {"default": base}
         | {f"~{round(100 * d)}%": fixed_density(d, base) for d in args.densities}
-        | {
-            f"antidiag a={a} s={s}": dataclasses.replace(
-                base, estimator="antidiagonal", alpha=a, stride=s
-            )
-            for s in args.strides
-            for a in args.antidiagonal_alphas
-        }
+        | antidiagonal_configs(base, args)
     )
     backends, flash_note = args.backends, None
     if backends is None:
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         f"D={dim}, {dtype}. Head kinds local/stripe/diffuse in turn: the diffuse third keeps "
         "most blocks at alpha 0.95, which bounds the default config's density from below.",
         f"'default' is {base}; '~d%' rows are alpha=1, window_ratio=d/5, "
-        "max_stripe_ratio=d/2.2 (density measured, in the row); 'antidiag a=x s=y' rows are "
-        "estimator='antidiagonal', alpha=x, stride=y (ALGORITHM §9).",
+        "max_stripe_ratio=d/2.2 (density measured, in the row); 'antidiag c a=x s=y' rows "
+        "are estimator='antidiagonal', cell_score=c, alpha=x, stride=y (ALGORITHM §9).",
         "Times are medians of triton.testing.do_bench. 'mask build' is sample_block_mask end "
         "to end (scores kernel, selection, BlockMask); 'total' = mask build + sparse attention; "
         "speedups are of the total. 'build share' = mask build / total.",

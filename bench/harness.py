@@ -6,6 +6,7 @@ data) and `<name>.md` (environment, command, table, notes); `plot.py` draws PNGs
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from flexsample import SampleConfig
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -71,6 +74,32 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
         default=alphas,
         help="alphas of the antidiagonal estimator",
     )
+    parser.add_argument(
+        "--cell-scores",
+        nargs="+",
+        choices=["max", "mean"],
+        default=["max"],
+        help="SampleConfig.cell_score values of the antidiagonal rows",
+    )
+
+
+def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> dict:
+    """The antidiagonal rows by name (`{prefix} {cell_score} a={alpha} s={stride}`): every
+    combination of `add_antidiagonal_arguments`' flags, and `args.local_blocks` if set."""
+    local = getattr(args, "local_blocks", None)
+    return {
+        f"{prefix} {cell} a={alpha} s={stride}": dataclasses.replace(
+            base,
+            estimator="antidiagonal",
+            alpha=alpha,
+            stride=stride,
+            cell_score=cell,
+            **({} if local is None else {"local_blocks": local}),
+        )
+        for cell in args.cell_scores
+        for stride in args.strides
+        for alpha in args.antidiagonal_alphas
+    }
 
 
 def time_ms(fn: Callable[[], object], *, warmup_ms: float = 100, rep_ms: float = 500) -> float:

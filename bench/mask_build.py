@@ -25,6 +25,7 @@ from bench.dense import dense_baselines
 from bench.harness import (
     RESULTS,
     add_antidiagonal_arguments,
+    antidiagonal_configs,
     peak_memory_mib,
     progress,
     time_ms,
@@ -77,8 +78,7 @@ SWEEP_COLUMNS = [
 ]
 ANTIDIAGONAL_COLUMNS = [
     "S",
-    "stride",
-    "alpha",
+    "config",
     "backend",
     *BUILD_COLUMNS,
     "x vs cuDNN",
@@ -175,16 +175,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"  ratio {ratio}: build/attn={sweep['build/attn']:.3f} CRA={sweep['CRA mean']:.4f}"
             )
         backends = ["triton", "torch"] if device == "cuda" else ["torch"]
-        for stride, alpha, backend in itertools.product(
-            args.strides, args.antidiagonal_alphas, backends
+        for (name, antidiagonal), backend in itertools.product(
+            antidiagonal_configs(base, args).items(), backends
         ):
-            config = dataclasses.replace(
-                base, estimator="antidiagonal", stride=stride, alpha=alpha, score_backend=backend
-            )
+            config = dataclasses.replace(antidiagonal, score_backend=backend)
             measured = {
                 "S": seq_len,
-                "stride": stride,
-                "alpha": alpha,
+                "config": name,
                 "backend": backend,
                 **_measure(x.q, x.k, x.v, config, with_cra=True),
             }
@@ -192,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 measured["x vs cuDNN"] = row["SDPA cuDNN ms"] / measured["total ms"]
             antidiagonal_rows.append(measured)
             progress(
-                f"  antidiagonal s={stride} a={alpha} {backend}: "
+                f"  {name} {backend}: "
                 f"scores={measured['scores ms']:.3g} build={measured['mask build ms']:.3g} "
                 f"attn={measured['sparse attn ms']:.3g} density={measured['density']:.3f} "
                 f"CRA={measured['CRA mean']:.4f}"

@@ -15,9 +15,10 @@ Methods (each a per-layer attention function of the same weights):
 - `flexsample a=<alpha>`: the alpha sweep (`--alphas`);
 - `flexsample tile_alpha=<t>`: the default alpha plus the CRA rule over sampled tiles
   (`--tile-alphas`, `SampleConfig.tile_alpha`);
-- `flexsample antidiag a=<alpha> s=<stride>`: the antidiagonal estimator
-  (`SampleConfig(estimator="antidiagonal")`, ALGORITHM §9) at each of `--antidiagonal-alphas`
-  and `--strides`; in the layer table each also gets the block oracle at its per-head density;
+- `flexsample antidiag <cell> a=<alpha> s=<stride>`: the antidiagonal estimator
+  (`SampleConfig(estimator="antidiagonal")`, ALGORITHM §9) at each of `--cell-scores`,
+  `--antidiagonal-alphas` and `--strides`; in the layer table each also gets the block
+  oracle at its per-head density;
 - at flexsample's per-head density on the same q/k: window + sink, vertical-slash, the
   column oracle and the block oracle (`flexsample.baselines`); the block oracle also at
   fixed densities (`--oracle-densities`).
@@ -49,7 +50,13 @@ import flexsample
 from bench import train_realtext
 from bench.accuracy import evaluate as mask_accuracy
 from bench.corpus import CorpusConfig, build_corpus
-from bench.harness import RESULTS, add_antidiagonal_arguments, progress, write_results
+from bench.harness import (
+    RESULTS,
+    add_antidiagonal_arguments,
+    antidiagonal_configs,
+    progress,
+    write_results,
+)
 from bench.niah import DensityLog, baseline_attention, recording_flexsample
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.baselines import (
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             "tile_alphas",
             "antidiagonal_alphas",
             "strides",
+            "cell_scores",
             "local_blocks",
             "budget_minutes",
             "name",
@@ -403,13 +411,13 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"dense nearest {args.near}: each of the last {args.last} tokens predicted from "
             f"only the {args.near}..{args.near + args.near_chunk} tokens before it (fresh "
             "forward passes on the truncated context); dense uses the full context.",
-            f"flexsample config: {config}. 'flexsample antidiag a=x s=y' is that config with "
-            "estimator='antidiagonal', alpha=x, stride=y"
+            f"flexsample config: {config}. 'flexsample antidiag c a=x s=y' is that config with "
+            "estimator='antidiagonal', cell_score=c, alpha=x, stride=y"
             + ("" if args.local_blocks is None else f", local_blocks={args.local_blocks}")
-            + " (ALGORITHM §9); in the layer table 'oracle blocks @antidiag a=x s=y' is the block "
-            "oracle at its per-head density. 'flexsample attn' (attn_implementation=\"flexsample\""
-            ") and 'flexsample compile' (torch.compile backend) carry the density of the alpha "
-            "sweep's row at that alpha (same function on the same inputs).",
+            + " (ALGORITHM §9); in the layer table 'oracle blocks @antidiag c a=x s=y' is the "
+            "block oracle at its per-head density. 'flexsample attn' (attn_implementation="
+            "\"flexsample\") and 'flexsample compile' (torch.compile backend) carry the density "
+            "of the alpha sweep's row at that alpha (same function on the same inputs).",
             "density: kept share of the causal area, mean over the sparse calls (layers x docs) "
             "and heads; baselines '@flexsample' are matched per call and head to flexsample's "
             "density on the same q/k (the smallest mask of their pattern at or above it); the "
@@ -453,7 +461,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         log = DensityLog()
         name = f"flexsample tile_alpha={tile_alpha}"
         run(name, model, attn_fn=recording_flexsample(cfg, log), log=log)
-    for name, cfg in antidiagonal_configs(config, args).items():
+    for name, cfg in antidiagonal_configs(config, args, "flexsample antidiag").items():
         log = DensityLog()
         run(name, model, attn_fn=recording_flexsample(cfg, log), log=log)
     default_row = f"flexsample a={default_alpha}"
@@ -516,18 +524,6 @@ def _sdpa_forward():
     return sdpa_attention_forward
 
 
-def antidiagonal_configs(config: SampleConfig, args) -> dict[str, SampleConfig]:
-    """The antidiagonal rows, by method name: every (stride, alpha) of the flags."""
-    local = {} if args.local_blocks is None else {"local_blocks": args.local_blocks}
-    return {
-        f"flexsample antidiag a={alpha} s={stride}": dataclasses.replace(
-            config, estimator="antidiagonal", alpha=alpha, stride=stride, **local
-        )
-        for stride in args.strides
-        for alpha in args.antidiagonal_alphas
-    }
-
-
 @torch.no_grad()
 def capture_qkv(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
     """Every layer's post-RoPE (q `[1, Hq, S, D]`, k, v `[1, Hkv, S, D]`) on a dense pass."""
@@ -565,7 +561,7 @@ def layer_study(model, ids: torch.Tensor, config: SampleConfig, args, model_dir)
         for tile_alpha in args.tile_alphas:
             cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
             keeps[f"flexsample tile_alpha={tile_alpha}"] = kept_blocks(sample_block_mask(q, k, cfg))
-        for name, cfg in antidiagonal_configs(config, args).items():
+        for name, cfg in antidiagonal_configs(config, args, "flexsample antidiag").items():
             antidiag = sample_block_mask(q, k, cfg)
             keeps[name] = kept_blocks(antidiag)
             oracle = oracle_blocks(q, k, density(antidiag), config, mass=mass)

@@ -88,19 +88,21 @@ def torch_antidiagonal_scores(
     rows = torch.arange(num_strided, device=q.device)[:, None] * s + order  # [M, s] q rows
     real = rows < seq_len
     causal = order >= torch.arange(s, device=q.device)  # cell (m, m): key m*s+a <= its row
-    # The mean, not the sum, over the s cells: a sum would add the s-1 unrelated logits' noise
-    # (spread ~sqrt(s) times one logit's) into the exponent, and sharpen every uniform cell by
-    # s, so each row's estimate would collapse onto its luckiest cells. The mean keeps
-    # attention's temperature (exp of it is the cells' geometric mean), as XAttention does;
-    # a single sharp cell is damped by s, which the block sums and alpha then absorb.
+    # "mean" (XAttention): the mean, not the sum, of the s logits. A sum would add the s-1
+    # unrelated logits' noise (spread ~sqrt(s) times one logit's) into the exponent and sharpen
+    # every uniform cell by s; the mean keeps attention's temperature (exp of it is the cells'
+    # geometric mean), but damps one heavy key by s. "max" takes the largest of the s logits:
+    # exp of it is within a factor s of the antidiagonal's mass, whatever its spread (§9).
+    cell_max = config.cell_score == "max"
     count = real.sum(-1)
-    # Cell (m, m) keeps only its causal cells: its logit is rescaled from `count` cells to its
-    # own count, and is -inf where it has none.
+    # "mean": cell (m, m) keeps only its causal cells: its logit is rescaled from `count` cells
+    # to its own count, and is -inf where it has none.
     diag_count = (real & causal).sum(-1)
     diag_rescale = count / diag_count.clamp(min=1)
-    # Q' carries scale / count per cell and 0 past S (one O(S·D) pass over a gathered copy of
-    # q), so the logits need no further pass.
-    cell_scale = torch.where(real, scale / count.clamp(min=1)[:, None], 0.0).to(q.dtype)
+    # Q' carries scale (/ count for the mean) per cell and 0 past S (one O(S·D) pass over a
+    # gathered copy of q), so the logits need no further pass.
+    row_scale = scale if cell_max else scale / count.clamp(min=1)[:, None]
+    cell_scale = torch.where(real, row_scale, 0.0).to(q.dtype)
     q_cells = q[:, :, rows.clamp(max=seq_len - 1).flatten()].unflatten(2, (num_strided, s))
     q_cells = q_cells.mul_(cell_scale[..., None]).unflatten(1, (kv_heads, group))
     k_cells = F.pad(k, (0, 0, 0, padded - seq_len)).unflatten(2, (num_strided, s))
@@ -109,20 +111,27 @@ def torch_antidiagonal_scores(
     per_q, per_kv = q_block // s, kv_block // s
     real_strided = math.ceil(seq_len / s)  # strided rows from here on hold no real row
     est = torch.zeros(batch, heads, num_q, num_kv, device=q.device)
-    blocks = max(1, chunk_elements // max(1, batch * heads * per_q * num_strided))
+    # "max" holds a running maximum and one segment's logits: two logits tensors.
+    row_elements = batch * heads * per_q * num_strided * (2 if cell_max else 1)
+    blocks = max(1, chunk_elements // max(1, row_elements))
     for first in range(0, num_q, blocks):
         last = min(num_q, first + blocks)
         m0, m1 = first * per_q, last * per_q
         keys = min(-(-m1 // per_kv) * per_kv, num_strided)  # whole key blocks up to the chunk
-        # The group folded into the rows: one [group*rows, s*D] x [s*D, keys] matmul per KV
-        # head (a broadcast k would be copied per query head by matmul).
-        chunk = q_strided[:, :, :, m0:m1].flatten(2, 3)
-        logits = (chunk @ k_strided[:, :, :keys].transpose(-1, -2)).unflatten(2, (group, -1))
-        logits[..., m0:].masked_fill_(_future(m0, m1, keys, q.device), float("-inf"))
-        cells = q_cells[:, :, :, m0:m1].float() * k_cells[:, :, None, m0:m1].float()
-        on_diag = torch.where(causal[m0:m1], cells.sum(-1), 0.0).sum(-1) * diag_rescale[m0:m1]
-        on_diag = on_diag.masked_fill(diag_count[m0:m1] == 0, float("-inf"))
-        logits[..., m0:].diagonal(dim1=-2, dim2=-1).copy_(on_diag)
+        if cell_max:
+            logits = _cell_max_logits(q_cells, k_cells, real, causal, m0, m1, keys)
+        else:
+            # The group folded into the rows: one [group*rows, s*D] x [s*D, keys] matmul per
+            # KV head (a broadcast k would be copied per query head by matmul).
+            chunk = q_strided[:, :, :, m0:m1].flatten(2, 3)
+            logits = (chunk @ k_strided[:, :, :keys].transpose(-1, -2)).unflatten(2, (group, -1))
+            logits[..., m0:].masked_fill_(_future(m0, m1, keys, q.device), float("-inf"))
+            cells = q_cells[:, :, :, m0:m1].float() * k_cells[:, :, None, m0:m1].float()
+            on_diag = torch.where(causal[m0:m1], cells.sum(-1), 0.0).sum(-1)
+            on_diag = (on_diag * diag_rescale[m0:m1]).masked_fill(
+                diag_count[m0:m1] == 0, float("-inf")
+            )
+            logits[..., m0:].diagonal(dim1=-2, dim2=-1).copy_(on_diag)
         probs = torch.softmax(logits, -1, dtype=torch.float32)
         if m0 == 0:  # strided row 0 has no scored cell if S <= s/2: it weighs nothing
             probs[..., 0, :].nan_to_num_(0.0)
@@ -133,6 +142,32 @@ def torch_antidiagonal_scores(
         width = min(num_kv, mass.shape[-1])
         est[:, :, first:last, :width] = mass[..., :width]
     return est
+
+
+def _cell_max_logits(
+    q_cells: torch.Tensor,
+    k_cells: torch.Tensor,
+    real: torch.Tensor,
+    causal: torch.Tensor,
+    m0: int,
+    m1: int,
+    keys: int,
+) -> torch.Tensor:
+    """`cell_score="max"` logits of strided rows m0..m1 against strided keys < keys:
+    `[B, Hkv, group, m1 - m0, keys]` fp32, the largest of each cell's real causal antidiagonal
+    logits (-inf where none). q_cells `[B, Hkv, group, M, s, D]` (scaled, 0 past S),
+    k_cells `[B, Hkv, M, s, D]`, real / causal `[M, s]` as in `torch_antidiagonal_scores`."""
+    group = q_cells.shape[2]
+    future = _future(m0, m1, keys, q_cells.device)
+    best = None
+    for a in range(q_cells.shape[-2]):
+        rows = q_cells[:, :, :, m0:m1, a].flatten(2, 3)
+        logits = (rows @ k_cells[:, :, :keys, a].transpose(-1, -2)).unflatten(2, (group, -1))
+        logits = logits.float().masked_fill_(~real[m0:m1, a, None], float("-inf"))
+        logits[..., m0:].masked_fill_(future, float("-inf"))
+        logits[..., m0:].diagonal(dim1=-2, dim2=-1).masked_fill_(~causal[m0:m1, a], float("-inf"))
+        best = logits if best is None else torch.maximum(best, logits, out=best)
+    return best
 
 
 def _future(m0: int, m1: int, keys: int, device: torch.device) -> torch.Tensor:

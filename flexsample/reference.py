@@ -157,9 +157,9 @@ def reference_antidiagonal_scores(
 
     Strided cell (m, n) covers rows m*s + r(m, a) and keys n*s + a for a < s, with
     r(m, a) = s-1-a for even m and (s-a) % s for odd m (one antidiagonal of the s x s cell).
-    Its logit is the mean of the scaled logits over its cells with row < S and key <= row,
-    -inf without any; each strided row's softmax (zero if it has no finite logit) is summed
-    into (query block, key block).
+    Its logit is the maximum (`cell_score="max"`) or the mean ("mean") of the scaled
+    logits over its cells with row < S and key <= row, -inf without any; each strided row's
+    softmax (zero if it has no finite logit) is summed into (query block, key block).
     """
     batch, heads, seq_len, _ = q.shape
     s = config.stride
@@ -173,9 +173,13 @@ def reference_antidiagonal_scores(
     key = n * s + a  # [1, M, s]
     valid = (row < seq_len) & (key <= row)  # [M, M, s]
     cells = logits[:, :, row.clamp(max=seq_len - 1), key.clamp(max=seq_len - 1)]
-    count = valid.sum(-1)
-    mean = torch.where(valid, cells, 0.0).sum(-1) / count.clamp(min=1)
-    probs = mean.masked_fill(count == 0, float("-inf")).softmax(-1).nan_to_num(0.0)
+    if config.cell_score == "max":
+        cell = torch.where(valid, cells, float("-inf")).amax(-1)
+    else:
+        count = valid.sum(-1)
+        cell = torch.where(valid, cells, 0.0).sum(-1) / count.clamp(min=1)
+        cell = cell.masked_fill(count == 0, float("-inf"))
+    probs = cell.softmax(-1).nan_to_num(0.0)
     first = torch.arange(num_strided, device=q.device) * s
     to_q = F.one_hot(first // config.q_block, math.ceil(seq_len / config.q_block)).double()
     to_kv = F.one_hot(first // config.kv_block, math.ceil(seq_len / config.kv_block)).double()

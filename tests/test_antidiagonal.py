@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import flexsample.antidiagonal as antidiagonal
 from flexsample import SampleConfig, sample_attention, sample_block_mask
-from flexsample.antidiagonal import antidiagonal_scores, select_blocks
+from flexsample.antidiagonal import antidiagonal_keep, antidiagonal_scores, select_blocks
 from flexsample.block_mask import kept_blocks
 from flexsample.metrics import block_density, block_mass, true_cra
 from flexsample.op import config_to_str
@@ -21,6 +21,7 @@ from flexsample.reference import (
     reference_antidiagonal_select,
     reference_token_mask,
 )
+from flexsample.synthetic import structured_qkv
 
 from contracts import LargestOutput, assert_block_mask_contract
 from strategies import configs, qkv
@@ -34,6 +35,7 @@ def antidiagonal_configs(draw, **fixed) -> SampleConfig:
         "tile_alpha": None,
         "stride": draw(st.sampled_from([1, 2, 4, 8, 16])),
         "local_blocks": draw(st.sampled_from([0, 1, 3])),
+        "cell_score": draw(st.sampled_from(["max", "mean"])),
     }
     return draw(configs(**(fields | fixed)))
 
@@ -186,7 +188,8 @@ def _copying_heads(seq_len=2048, dim=128, segment=256, logit=24.0):
     return q, k
 
 
-def test_copy_lines_are_found_where_stripes_miss_them_at_equal_density():
+@pytest.mark.parametrize("cell_score, alpha", [("max", 0.5), ("mean", 0.3)])
+def test_copy_lines_are_found_where_stripes_miss_them_at_equal_density(cell_score, alpha):
     q, k = _copying_heads()
     seq_len, block = q.shape[2], 64
     rows = torch.arange(512, seq_len)  # the copying rows
@@ -198,7 +201,7 @@ def test_copy_lines_are_found_where_stripes_miss_them_at_equal_density():
 
     base = SampleConfig(q_block=block, kv_block=block, min_seq_len=0)
     stripes_density, stripes_cra = measure(base)
-    config = dataclasses.replace(base, estimator="antidiagonal", alpha=0.3)
+    config = dataclasses.replace(base, estimator="antidiagonal", alpha=alpha, cell_score=cell_score)
     density, cra = measure(config)
     assert (density <= stripes_density).all(), (density, stripes_density)
     assert (cra > 0.8).all() and (stripes_cra < 0.4).all(), (cra, stripes_cra)
@@ -208,7 +211,26 @@ def test_copy_lines_are_found_where_stripes_miss_them_at_equal_density():
     _, alternating = measure(config)
     with mock.patch.object(antidiagonal, "strided_order", _xattention_order):
         _, single = measure(config)
-    assert alternating[0] > 0.9 and single[0] < 0.6 and single[1] > 0.9, (alternating, single)
+    assert alternating[0] > 0.9 and single[0] < 0.6 < single[1], (alternating, single)
+
+
+def test_cell_max_keeps_the_heavy_keys_that_the_mean_damps():
+    """Structured inputs (sink, stripes, bands; 4K, blocks of 64), alpha 0.95: an antidiagonal
+    mean divides a heavy key's logit by s, so its block's estimate drowns in the band's; the
+    antidiagonal's largest logit keeps it (ALGORITHM §9)."""
+    inputs = structured_qkv(1, 8, 2, 4096, 64, seed=0)
+    q, k = inputs.q, inputs.k
+
+    def cra(cell_score):
+        config = SampleConfig(
+            estimator="antidiagonal", alpha=0.95, q_block=64, kv_block=64, cell_score=cell_score
+        )
+        keep = antidiagonal_keep(q, k, config, 64**-0.5)
+        return true_cra(q, k, keep, config)
+
+    best, mean = cra("max"), cra("mean")
+    assert best.mean() >= 0.94 and best.quantile(0.01) >= 0.8, (best.mean(), best.quantile(0.01))
+    assert mean.mean() < 0.85 and mean.quantile(0.01) < 0.1, (mean.mean(), mean.quantile(0.01))
 
 
 def test_antidiagonal_options_are_checked():
@@ -216,6 +238,8 @@ def test_antidiagonal_options_are_checked():
         SampleConfig(estimator="antidiagonal", tile_alpha=0.5)
     with pytest.raises(ValueError, match=r"max_stripe_ratio=0.1 is not allowed with estimator="):
         SampleConfig(estimator="antidiagonal", max_stripe_ratio=0.1)
+    with pytest.raises(ValueError, match=r"cell_score='sum' is not allowed: use one of"):
+        SampleConfig(estimator="antidiagonal", cell_score="sum")
     with pytest.raises(ValueError, match=r"stride=32 .* q_block=16 and kv_block=64, one of"):
         SampleConfig(stride=32, q_block=16, kv_block=64)
 

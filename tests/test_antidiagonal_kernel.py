@@ -49,30 +49,40 @@ def _check(got, q, k, config, scale):
     st.sampled_from([16, 32, 64, 128]),
     st.sampled_from([16, 32, 64, 128]),
     st.sampled_from([1, CHUNK_ELEMENTS]),
+    st.sampled_from(["max", "mean"]),
 )
-def test_kernel_matches_reference(inputs, stride, q_block, kv_block, chunk_elements):
+def test_kernel_matches_reference(inputs, stride, q_block, kv_block, chunk_elements, cell_score):
     """Default tiles; chunk_elements 1 launches one query block or row tile at a time."""
     q, k, _ = (x.to(DEVICE) for x in inputs)
     stride = min(stride, q_block, kv_block)
     config = SampleConfig(
-        estimator="antidiagonal", stride=stride, q_block=q_block, kv_block=kv_block
+        estimator="antidiagonal",
+        stride=stride,
+        q_block=q_block,
+        kv_block=kv_block,
+        cell_score=cell_score,
     )
     scale = q.shape[-1] ** -0.5
     _check(_scores(q, k, config, scale, chunk_elements=chunk_elements), q, k, config, scale)
 
 
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
 @pytest.mark.parametrize(
     "seq_len, stride, q_block, kv_block, dim",
     [(77, 1, 16, 64, 24), (150, 4, 32, 16, 32), (201, 16, 16, 128, 16)],
 )
-def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim):
+def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim, cell_score):
     """Tiles small enough for several row and key tiles, dot steps per segment (D > BLOCK_K,
     masked when D is not a multiple), launches, and key blocks wider than a key tile."""
     gen = torch.Generator().manual_seed(seq_len)
     q = torch.randn(2, 6, seq_len, dim, generator=gen).to(DEVICE)
     k = torch.randn(2, 2, seq_len, dim, generator=gen).to(DEVICE)
     config = SampleConfig(
-        estimator="antidiagonal", stride=stride, q_block=q_block, kv_block=kv_block
+        estimator="antidiagonal",
+        stride=stride,
+        q_block=q_block,
+        kv_block=kv_block,
+        cell_score=cell_score,
     )
     launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1}
     _check(_scores(q, k, config, 0.3, **launch), q, k, config, 0.3)
@@ -114,22 +124,35 @@ def _sum_over_s(m, seq_len, STRIDE: tl.constexpr):  # the mean's count is s ever
     return tl.full(m.shape, STRIDE, tl.int32), tl.full(m.shape, STRIDE, tl.int32)
 
 
+@triton.jit
+def _sub_max(logit, R: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    return tl.max(tl.reshape(logit, (R, BLOCK_N // SUB, SUB)), 2)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="patches kernel helpers: interpreter only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "patch",
+    "cell_score, patch",
     [
-        ("_order", _xattention_order),
-        ("_tile_logits", _no_causal_mask),
-        ("_cell_counts", _sum_over_s),
+        ("mean", ("_order", _xattention_order)),
+        ("mean", ("_tile_logits", _no_causal_mask)),
+        ("mean", ("_cell_counts", _sum_over_s)),
+        ("max", ("_order", _xattention_order)),
+        ("max", ("_sub_lse", _sub_max)),
     ],
-    ids=["XAttention's antidiagonal on every row", "no causal mask", "normaliser s"],
+    ids=[
+        "mean: XAttention's antidiagonal on every row",
+        "mean: no causal mask",
+        "mean: normaliser s",
+        "max: XAttention's antidiagonal on every row",
+        "max: max for log-sum-exp",
+    ],
 )
-def test_planted_bugs_fail_the_kernel_check(dtype, patch):
+def test_planted_bugs_fail_the_kernel_check(dtype, cell_score, patch):
     gen = torch.Generator().manual_seed(0)
     q = (torch.randn(1, 4, 250, 32, generator=gen) * 2).to(dtype)
     k = torch.randn(1, 2, 250, 32, generator=gen).to(dtype)
-    config = SampleConfig(estimator="antidiagonal", q_block=32, kv_block=32)
+    config = SampleConfig(estimator="antidiagonal", q_block=32, kv_block=32, cell_score=cell_score)
     want = reference_antidiagonal_scores(q, k, config, 32**-0.5)
     assert rel_rms(_scores(q, k, config, 32**-0.5), want) <= ANTIDIAG_KERNEL_REL_RMS
     with mock.patch.object(kernels, *patch):
@@ -138,8 +161,9 @@ def test_planted_bugs_fail_the_kernel_check(dtype, patch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
 @pytest.mark.parametrize("stride", [8, 16])
-def test_kernel_matches_the_pytorch_path_at_llama_shape(stride):
+def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score):
     """B 1, Hq 32, Hkv 8, D 128, S = 16K + 77 (odd: a partial strided row and query block),
     bf16: the kernel against the PyTorch path, within the PyTorch path's own error bound."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -147,7 +171,7 @@ def test_kernel_matches_the_pytorch_path_at_llama_shape(stride):
     q = torch.randn(1, 32, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     k = torch.randn(1, 8, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     k[:, :, torch.randint(0, seq_len, (64,), device="cuda", generator=gen)] *= 4  # heavy keys
-    config = SampleConfig(estimator="antidiagonal", stride=stride, alpha=0.9)
+    config = SampleConfig(estimator="antidiagonal", stride=stride, alpha=0.9, cell_score=cell_score)
     scale = 128**-0.5
     got = antidiagonal_scores(q, k, config, scale)  # auto on CUDA: the kernel
     want = torch_antidiagonal_scores(q, k, config, scale)

@@ -217,14 +217,14 @@ def test_evaluation_runs_every_method_on_a_tiny_model(checkpoint):
         assert row["density"] == pytest.approx(default["density"], abs=0.03), name
         assert row["ratio SE"] >= 0
     assert rows["oracle blocks d=0.3"]["density"] >= 0.3
-    antidiag = rows["flexsample antidiag a=0.9 s=8"]
+    antidiag = rows["flexsample antidiag max a=0.9 s=8"]
     assert antidiag["sparse calls"] == 2 * 2 and 0.0 < antidiag["density"] <= 1.0
     layers = data["tables"][1]["rows"]
     assert {row["layer"] for row in layers} == {0, 1}
     by_method = {(row["layer"], row["method"]): row for row in layers}
     for layer in (0, 1):
-        mine = by_method[layer, "flexsample antidiag a=0.9 s=8"]
-        oracle = by_method[layer, "oracle blocks @antidiag a=0.9 s=8"]
+        mine = by_method[layer, "flexsample antidiag max a=0.9 s=8"]
+        oracle = by_method[layer, "oracle blocks @antidiag max a=0.9 s=8"]
         assert oracle["density"] == pytest.approx(mine["density"], abs=0.05)
     for row in layers:
         assert 0.0 < row["CRA mean"] <= 1.0 + 1e-6 and row["density min head"] <= row["density"]

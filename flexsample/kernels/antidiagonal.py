@@ -130,6 +130,65 @@ def _k_cells(
 
 
 @triton.jit
+def _sub_lse(logit, R: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """Log2-domain log-sum-exp of `logit` `[R, BLOCK_N]` over each run of `SUB` keys:
+    `[R, BLOCK_N // SUB]`, -inf where a run has no finite logit."""
+    cells = tl.reshape(logit, (R, BLOCK_N // SUB, SUB))
+    m_sub = tl.max(cells, 2)
+    m_sub = tl.where(m_sub == float("-inf"), 0.0, m_sub)  # sub-blocks with no causal key
+    sum_sub = tl.sum(tl.exp2(cells - m_sub[:, :, None]), 2)
+    return tl.where(
+        sum_sub > 0, m_sub + tl.log2(tl.where(sum_sub > 0, sum_sub, 1.0)), float("-inf")
+    )
+
+
+@triton.jit
+def _tile_cell_max(
+    q_rows,
+    k_base,
+    m,
+    n,
+    row_ok,
+    seq_len,
+    stride_qs,
+    stride_qd,
+    stride_ks,
+    stride_kd,
+    row_scale,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """`cell_score="max"`: log2-domain strided logits `[R, BLOCK_N]`, each the largest of its
+    cell's real causal antidiagonal logits (-inf where none): one D-long dot per segment."""
+    offs_k = tl.arange(0, BLOCK_K)
+    best = tl.full([R, BLOCK_N], float("-inf"), tl.float32)
+    for seg in range(0, STRIDE):
+        acc = tl.zeros([R, BLOCK_N], tl.float32)
+        for c in range(0, D_CHUNKS):
+            d = c * BLOCK_K + offs_k
+            qc = _q_cells(
+                q_rows, m, seg, d, row_ok, seq_len, stride_qs, stride_qd, HEAD_DIM, STRIDE, UPCAST
+            )
+            kc = _k_cells(
+                k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
+            )
+            acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+        order = _order(m, seg, STRIDE)
+        # Key n*s + seg against row m*s + order: causal for n < m, and on the diagonal cell
+        # where order >= seg; rows past S have no cell.
+        ok = (n[None, :] < m[:, None]) | ((n[None, :] == m[:, None]) & (order >= seg)[:, None])
+        ok &= (m * STRIDE + order < seq_len)[:, None]
+        best = tl.maximum(best, tl.where(ok, acc * row_scale[:, None], float("-inf")))
+    return best
+
+
+@triton.jit
 def _strided_lse_kernel(
     Q,
     K,
@@ -162,6 +221,7 @@ def _strided_lse_kernel(
     SUB: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    MAX: tl.constexpr,
 ):
     # Longest tiles (last strided rows) first, for every (batch, KV head): short ones fill the
     # last wave.
@@ -179,22 +239,28 @@ def _strided_lse_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + (bk % kv_heads).to(tl.int64) * stride_kh
     offs_k = tl.arange(0, BLOCK_K)
 
-    count, diag_count = _cell_counts(m, seq_len, STRIDE)
-    # The diagonal cell (m, m) over its causal cells only: the tiles' dot sums all s of them.
-    diag = tl.zeros([G_PAD * ROWS], tl.float32)
-    for c in range(0, STRIDE * D_CHUNKS):
-        seg = c // D_CHUNKS
-        d = c % D_CHUNKS * BLOCK_K + offs_k
-        qc = _q_cells(
-            q_rows, m, seg, d, row_ok, seq_len, stride_qs, stride_qd, HEAD_DIM, STRIDE, UPCAST
-        )
-        kc = _k_cells(k_base, m, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST)
-        prod = tl.sum(qc.to(tl.float32) * kc.to(tl.float32), 1)
-        diag += tl.where(_order(m, seg, STRIDE) >= seg, prod, 0.0)
-    # fp32 casts: under inductor a float argument arrives as fp64 and would promote the logits.
-    row_scale = (scale_log2e / tl.maximum(count, 1)).to(tl.float32)
-    diag_scale = (scale_log2e / tl.maximum(diag_count, 1)).to(tl.float32)
-    diag_logit = tl.where(diag_count > 0, diag * diag_scale, float("-inf"))
+    if MAX:
+        row_scale = (tl.zeros([G_PAD * ROWS], tl.float32) + scale_log2e).to(tl.float32)
+    else:
+        count, diag_count = _cell_counts(m, seq_len, STRIDE)
+        # The diagonal cell (m, m) over its causal cells only: the tiles' dot sums all s of them.
+        diag = tl.zeros([G_PAD * ROWS], tl.float32)
+        for c in range(0, STRIDE * D_CHUNKS):
+            seg = c // D_CHUNKS
+            d = c % D_CHUNKS * BLOCK_K + offs_k
+            qc = _q_cells(
+                q_rows, m, seg, d, row_ok, seq_len, stride_qs, stride_qd, HEAD_DIM, STRIDE, UPCAST
+            )
+            kc = _k_cells(
+                k_base, m, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
+            )
+            prod = tl.sum(qc.to(tl.float32) * kc.to(tl.float32), 1)
+            diag += tl.where(_order(m, seg, STRIDE) >= seg, prod, 0.0)
+        # fp32 casts: under inductor a float argument arrives as fp64 and would promote the
+        # logits.
+        row_scale = (scale_log2e / tl.maximum(count, 1)).to(tl.float32)
+        diag_scale = (scale_log2e / tl.maximum(diag_count, 1)).to(tl.float32)
+        diag_logit = tl.where(diag_count > 0, diag * diag_scale, float("-inf"))
 
     # Scratch layout [B * Hq, chunk_rows, width]: a row's sub-blocks are contiguous.
     scratch_row = (b * kv_heads * GROUP + head).to(tl.int64) * chunk_rows + (m - row0)
@@ -204,25 +270,52 @@ def _strided_lse_kernel(
     l_i = tl.zeros([G_PAD * ROWS], tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + offs_n
-        acc = tl.zeros([G_PAD * ROWS, BLOCK_N], tl.float32)
-        for c in range(0, STRIDE * D_CHUNKS):
-            seg = c // D_CHUNKS
-            d = c % D_CHUNKS * BLOCK_K + offs_k
-            qc = _q_cells(
-                q_rows, m, seg, d, row_ok, seq_len, stride_qs, stride_qd, HEAD_DIM, STRIDE, UPCAST
+        if MAX:
+            logit = _tile_cell_max(
+                q_rows,
+                k_base,
+                m,
+                n,
+                row_ok,
+                seq_len,
+                stride_qs,
+                stride_qd,
+                stride_ks,
+                stride_kd,
+                row_scale,
+                G_PAD * ROWS,
+                BLOCK_N,
+                BLOCK_K,
+                D_CHUNKS,
+                HEAD_DIM,
+                STRIDE,
+                UPCAST,
+                PRECISION,
             )
-            kc = _k_cells(
-                k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
-            )
-            acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
-        logit = _tile_logits(acc, n, m, row_scale, diag_logit)
-        cells = tl.reshape(logit, (G_PAD * ROWS, BLOCK_N // SUB, SUB))
-        m_sub = tl.max(cells, 2)
-        m_sub = tl.where(m_sub == float("-inf"), 0.0, m_sub)  # sub-blocks with no causal key
-        sum_sub = tl.sum(tl.exp2(cells - m_sub[:, :, None]), 2)
-        lse_sub = tl.where(
-            sum_sub > 0, m_sub + tl.log2(tl.where(sum_sub > 0, sum_sub, 1.0)), float("-inf")
-        )
+        else:
+            acc = tl.zeros([G_PAD * ROWS, BLOCK_N], tl.float32)
+            for c in range(0, STRIDE * D_CHUNKS):
+                seg = c // D_CHUNKS
+                d = c % D_CHUNKS * BLOCK_K + offs_k
+                qc = _q_cells(
+                    q_rows,
+                    m,
+                    seg,
+                    d,
+                    row_ok,
+                    seq_len,
+                    stride_qs,
+                    stride_qd,
+                    HEAD_DIM,
+                    STRIDE,
+                    UPCAST,
+                )
+                kc = _k_cells(
+                    k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
+                )
+                acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+            logit = _tile_logits(acc, n, m, row_scale, diag_logit)
+        lse_sub = _sub_lse(logit, G_PAD * ROWS, BLOCK_N, SUB)
         j = n0 // SUB + offs_j
         tl.store(
             BLOCK_LSE + scratch_row[:, None] * width + j[None, :],
@@ -296,6 +389,7 @@ def antidiagonal_block_scores(
     block_k: int,
     num_warps: int,
     num_stages: int,
+    cell_max: bool,
 ) -> torch.Tensor:
     """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> the estimate `[B, Hq, nQ, nKV]` (fp32, zeros
     above the diagonal). Strided rows are launched in chunks whose scratch holds at most
@@ -349,6 +443,7 @@ def antidiagonal_block_scores(
             SUB=sub,
             UPCAST=upcast,
             PRECISION="ieee" if upcast else "tf32",
+            MAX=cell_max,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -400,4 +495,5 @@ def triton_antidiagonal_scores(
         block_k,
         num_warps,
         num_stages,
+        config.cell_score == "max",
     )
