@@ -165,7 +165,9 @@ def test_planted_bugs_fail_the_kernel_check(dtype, cell_score, patch):
 @pytest.mark.parametrize("stride", [8, 16])
 def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score):
     """B 1, Hq 32, Hkv 8, D 128, S = 16K + 77 (odd: a partial strided row and query block),
-    bf16: the kernel against the PyTorch path, within the PyTorch path's own error bound."""
+    bf16: the kernel against the PyTorch path on the same inputs in fp32 (fp32 logits, as the
+    kernel keeps them; the bf16 PyTorch path rounds each logit, which with "max" is a whole
+    unscaled logit: 3.3e-3 relative RMS from it at s = 8, H100), within the kernel's bound."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     seq_len = 16384 + 77
     q = torch.randn(1, 32, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -174,9 +176,9 @@ def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score):
     config = SampleConfig(estimator="antidiagonal", stride=stride, alpha=0.9, cell_score=cell_score)
     scale = 128**-0.5
     got = antidiagonal_scores(q, k, config, scale)  # auto on CUDA: the kernel
-    want = torch_antidiagonal_scores(q, k, config, scale)
+    want = torch_antidiagonal_scores(q.float(), k.float(), config, scale)
     err = rel_rms(got, want)
-    assert err <= ANTIDIAG_REL_RMS[torch.bfloat16], f"relative RMS error {err:.3g}"
+    assert err <= ANTIDIAG_KERNEL_REL_RMS, f"relative RMS error {err:.3g}"
     torch.testing.assert_close(
         got.sum(-1)[..., :-1], torch.full_like(got[..., :-1, 0], 128 / stride)
     )
