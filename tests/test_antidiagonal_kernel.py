@@ -17,7 +17,7 @@ from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
 from flexsample.reference import reference_antidiagonal_scores
 
 from strategies import qkv
-from tolerance import ANTIDIAG_KERNEL_REL_RMS, ANTIDIAG_REL_RMS, rel_rms
+from tolerance import ANTIDIAG_KERNEL_REL_RMS, rel_rms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
