@@ -6,6 +6,7 @@ data) and `<name>.md` (environment, command, table, notes); `plot.py` draws PNGs
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -81,6 +82,22 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
         default=["max"],
         help="SampleConfig.cell_score values of the antidiagonal rows",
     )
+
+
+def config_override(text: str) -> tuple[str, object]:
+    """`--set FIELD=VALUE` of a SampleConfig field: VALUE as an int, float, None or string."""
+    field, sep, value = text.partition("=")
+    names = [f.name for f in dataclasses.fields(SampleConfig)]
+    if not sep or field not in names:
+        raise argparse.ArgumentTypeError(f"{text!r}: use FIELD=VALUE with FIELD one of {names}")
+    if value == "None":
+        return field, None
+    for cast in (int, float):
+        try:
+            return field, cast(value)
+        except ValueError:
+            pass
+    return field, value
 
 
 def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> dict:

@@ -27,7 +27,7 @@ import sys
 import torch
 
 import flexsample
-from bench.harness import RESULTS, progress, write_results
+from bench.harness import RESULTS, config_override, progress, write_results
 from bench.retrieval import niah_prompt
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
@@ -182,6 +182,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="override SampleConfig.alpha (default: the package's)",
     )
+    parser.add_argument(
+        "--set",
+        type=config_override,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a SampleConfig field (repeatable), e.g. --set estimator=stripes",
+    )
     parser.add_argument("--name", default="niah")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
 
     register()  # the "flexsample" name, for users of this checkpoint; `attn` logs densities
     overrides = {"min_seq_len": args.min_seq_len, "alpha": args.alpha}
-    config = SampleConfig(**{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None} | dict(args.set)
+    config = SampleConfig(**overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.model)
