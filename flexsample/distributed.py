@@ -252,6 +252,9 @@ def shard_block_mask(stripes: torch.Tensor, layout: Layout, shard: Shard) -> Blo
         BLOCK_SIZE=(config.q_block, config.kv_block),
         mask_mod=_shard_mask_mod(stripes, layout, shard),
         seq_lengths=(shard.length, layout.seq_len),
+        # Forward only, as build_block_mask: the transposed lists come from a dense
+        # [B, Hq, nQ_local, nKV] int64 copy, 8 GiB per rank at 1M tokens (out of memory there).
+        compute_q_blocks=False,
     )
 
 
