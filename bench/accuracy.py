@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu_smoke:
         lengths = [length for length in args.lengths if length <= 8192] or [2048, 4096]
         shape, dtype, device, out_dir = (8, 2, 64), torch.float32, "cpu", RESULTS / "cpu"
-        base = SampleConfig(min_seq_len=0, q_block=64, kv_block=64)
+        base = SampleConfig(estimator="stripes", min_seq_len=0, q_block=64, kv_block=64)
     else:
         shape, dtype, device, out_dir = (32, 8, 128), torch.bfloat16, "cuda", RESULTS
-        lengths, base = args.lengths, SampleConfig(min_seq_len=0)
+        lengths, base = args.lengths, SampleConfig(estimator="stripes", min_seq_len=0)
     heads, kv_heads, dim = shape
     name, source = "accuracy", "structured"
     if args.qkv:

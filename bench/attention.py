@@ -66,10 +66,14 @@ SPEEDUPS = {
 
 
 def fixed_density(target: float, base: SampleConfig) -> SampleConfig:
-    """A config whose mask has about `target` density on any input (alpha = 1 keeps every
-    stripe up to the cap): a window of target/5 of S and up to target/2.2 of the blocks."""
+    """A stripes config whose mask has about `target` density on any input (alpha = 1 keeps
+    every stripe up to the cap): a window of target/5 of S and up to target/2.2 of the blocks."""
     return dataclasses.replace(
-        base, alpha=1.0, window_ratio=target / 5, max_stripe_ratio=target / 2.2
+        base,
+        estimator="stripes",
+        alpha=1.0,
+        window_ratio=target / 5,
+        max_stripe_ratio=target / 2.2,
     )
 
 

@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     if rank:
         global progress
         progress = _quiet  # one rank reports
-    config = SampleConfig(alpha=args.alpha, min_seq_len=0, flex_backend=args.flex_backend)
+    config = SampleConfig(
+        estimator="stripes", alpha=args.alpha, min_seq_len=0, flex_backend=args.flex_backend
+    )
     rows, checks = [], []
     try:
         if args.check_len:

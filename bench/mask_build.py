@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         lengths, shape, dtype, device = args.lengths, (32, 8, 128), torch.bfloat16, "cuda"
         name, out_dir = "mask_build", RESULTS
     heads, kv_heads, dim = shape
-    base = SampleConfig(min_seq_len=0)
+    base = SampleConfig(estimator="stripes", alpha=0.95, min_seq_len=0)
     main_rows, sweep_rows, antidiagonal_rows = [], [], []
     for seq_len in lengths:
         progress(f"S={seq_len}: inputs")

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=131072)
     args = parser.parse_args(argv)
-    config = SampleConfig(alpha=1.0, window_ratio=0.02, max_stripe_ratio=0.045)
+    config = SampleConfig(estimator="stripes", alpha=1.0, window_ratio=0.02, max_stripe_ratio=0.045)
     x = structured_qkv(1, 32, 8, args.length, 128, dtype=torch.bfloat16, device="cuda")
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (x.q, x.k, x.v))
     op = torch.ops.flexsample.sample_attention

@@ -12,9 +12,10 @@ Methods (each a per-layer attention function of the same weights):
 - `flexsample attn`: `flexsample.integrations.transformers.register()` +
   attn_implementation="flexsample"; `flexsample compile`: `torch.compile(model,
   backend=flexsample.backend(config))` (default on CUDA; `--compile/--no-compile`);
-- `flexsample a=<alpha>`: the alpha sweep (`--alphas`);
-- `flexsample tile_alpha=<t>`: the default alpha plus the CRA rule over sampled tiles
-  (`--tile-alphas`, `SampleConfig.tile_alpha`);
+- `flexsample a=<alpha>`: the default config's alpha sweep (`--alphas`);
+- `stripes a=<alpha>`: SampleAttention's published selection (`estimator="stripes"`,
+  `--stripes-alphas`), and `stripes a=<alpha> tile_alpha=<t>` with the CRA rule over
+  sampled tiles (`--tile-alphas`, `SampleConfig.tile_alpha`);
 - `flexsample antidiag <cell> a=<alpha> s=<stride>`: the antidiagonal estimator
   (`SampleConfig(estimator="antidiagonal")`, ALGORITHM §9) at each of `--cell-scores`,
   `--antidiagonal-alphas` and `--strides`; in the layer table each also gets the block
@@ -225,11 +226,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--near-chunk", type=int, default=512)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98, 0.99])
     parser.add_argument(
+        "--stripes-alphas",
+        type=float,
+        nargs="+",
+        default=[0.95],
+        help="alphas of estimator='stripes' rows (SampleAttention's selection; paper: 0.95)",
+    )
+    parser.add_argument(
         "--tile-alphas",
         type=float,
         nargs="*",
         default=[0.5, 0.8, 0.9],
-        help="SampleConfig.tile_alpha values to run at the default alpha (the CRA rule over tiles)",
+        help="SampleConfig.tile_alpha values of stripes rows at the first --stripes-alphas",
     )
     add_antidiagonal_arguments(parser, strides=[8, 16], alphas=[0.5, 0.7, 0.9])
     parser.add_argument(
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             "qkv_out",
             "qkv_layers",
             "tile_alphas",
+            "stripes_alphas",
             "antidiagonal_alphas",
             "strides",
             "cell_scores",
@@ -456,10 +465,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         cfg = dataclasses.replace(config, alpha=alpha)
         log = DensityLog()
         run(f"flexsample a={alpha}", model, attn_fn=recording_flexsample(cfg, log), log=log)
-    for tile_alpha in args.tile_alphas:
-        cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
+    for name, cfg in stripes_configs(config, args).items():
         log = DensityLog()
-        name = f"flexsample tile_alpha={tile_alpha}"
         run(name, model, attn_fn=recording_flexsample(cfg, log), log=log)
     for name, cfg in antidiagonal_configs(config, args, "flexsample antidiag").items():
         log = DensityLog()
@@ -524,6 +531,17 @@ def _sdpa_forward():
     return sdpa_attention_forward
 
 
+def stripes_configs(config: SampleConfig, args) -> dict[str, SampleConfig]:
+    """SampleAttention's own selection (estimator="stripes") by row name: each of
+    `--stripes-alphas`, and each of `--tile-alphas` at the first of them."""
+    base = dataclasses.replace(config, estimator="stripes")
+    rows = {f"stripes a={a}": dataclasses.replace(base, alpha=a) for a in args.stripes_alphas}
+    for tile_alpha in args.tile_alphas:
+        cfg = dataclasses.replace(base, alpha=args.stripes_alphas[0], tile_alpha=tile_alpha)
+        rows[f"stripes a={cfg.alpha} tile_alpha={tile_alpha}"] = cfg
+    return rows
+
+
 @torch.no_grad()
 def capture_qkv(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
     """Every layer's post-RoPE (q `[1, Hq, S, D]`, k, v `[1, Hkv, S, D]`) on a dense pass."""
@@ -558,9 +576,8 @@ def layer_study(model, ids: torch.Tensor, config: SampleConfig, args, model_dir)
             "oracle columns": oracle_columns(q, k, target, config, mass=column_mass(q, k, config)),
             "oracle blocks": oracle_blocks(q, k, target, config, mass=mass),
         }
-        for tile_alpha in args.tile_alphas:
-            cfg = dataclasses.replace(config, tile_alpha=tile_alpha)
-            keeps[f"flexsample tile_alpha={tile_alpha}"] = kept_blocks(sample_block_mask(q, k, cfg))
+        for name, cfg in stripes_configs(config, args).items():
+            keeps[name] = kept_blocks(sample_block_mask(q, k, cfg))
         for name, cfg in antidiagonal_configs(config, args, "flexsample antidiag").items():
             antidiag = sample_block_mask(q, k, cfg)
             keeps[name] = kept_blocks(antidiag)

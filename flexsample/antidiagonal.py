@@ -54,12 +54,12 @@ def antidiagonal_scores(
     """Estimated attention mass of every (query block, key block): `[B, Hq, nQ, nKV]` float32.
 
     q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` (GQA: a KV head's query heads share its K', no copy).
-    The strided logit of cell (m, n) is `scale` times the MEAN of q.k over the antidiagonal's
-    cells that are real (row < S) and causal (key <= row); each strided row's softmax over
-    n <= m is summed into blocks, so a query block's row of the result sums to its number of
-    strided rows with a real row. The Triton kernels where `layout.use_kernels`, else the
-    chunked PyTorch path; `chunk_elements` bounds either's temporaries (a chunk's logits, the
-    kernels' per-launch scratch).
+    The strided logit of cell (m, n) is `scale` times the max (`cell_score="max"`) or the mean
+    ("mean") of q.k over the antidiagonal's cells that are real (row < S) and causal
+    (key <= row); each strided row's softmax over n <= m is summed into blocks, so a query
+    block's row of the result sums to its number of strided rows with a real row. The Triton
+    kernels where `layout.use_kernels`, else the chunked PyTorch path; `chunk_elements` bounds
+    either's temporaries (a chunk's logits, the kernels' per-launch scratch).
     """
     if use_kernels(config, q.device):
         from flexsample.kernels.antidiagonal import triton_antidiagonal_scores

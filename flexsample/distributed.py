@@ -286,7 +286,8 @@ def context_parallel_block_mask(
     if config.estimator != "stripes":
         raise NotImplementedError(
             f"context parallelism implements estimator='stripes' only, got "
-            f"{config.estimator!r}: pass SampleConfig(estimator='stripes', ...)"
+            f"{config.estimator!r} (the package default): pass "
+            "SampleConfig(estimator='stripes', alpha=0.95, ...)"
         )
     shard = _group_shard(k.shape[2], group, config.q_block, q.shape[2])
     with torch.no_grad():

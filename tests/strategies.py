@@ -11,6 +11,7 @@ from tolerance import DTYPES
 @st.composite
 def configs(draw, **fixed) -> SampleConfig:
     fields = {
+        "estimator": "stripes",
         "alpha": draw(st.floats(0.5, 1.0)),
         "window_ratio": draw(st.sampled_from([0.0, 0.02, 0.08, 0.3, 1.0])),
         "sample_ratio": draw(st.floats(0.01, 0.5)),

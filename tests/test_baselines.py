@@ -1,15 +1,17 @@
-"""Comparison patterns at equal density, and the coverage bars of the accuracy study (CPU)."""
+"""Comparison patterns at equal density, and the coverage bars of the accuracy study (CPU):
+the stripes estimator (SampleAttention, alpha 0.95) against the column baselines, and the
+default config against window + sink and the block oracle."""
 
 import pytest
 import torch
 
 from flexsample import SampleConfig, sample_block_mask
-from flexsample.baselines import oracle_columns, vertical_slash, window_sink
+from flexsample.baselines import oracle_blocks, oracle_columns, vertical_slash, window_sink
 from flexsample.block_mask import keep_block_mask, kept_blocks
 from flexsample.metrics import block_density, density, true_cra
 from flexsample.synthetic import structured_qkv
 
-CONFIG = SampleConfig(min_seq_len=0, q_block=64, kv_block=64)
+CONFIG = SampleConfig(estimator="stripes", alpha=0.95, min_seq_len=0, q_block=64, kv_block=64)
 LENGTH = 4096
 
 
@@ -61,6 +63,25 @@ def test_coverage_bars_at_the_default_alpha(case):
     assert cra["flexsample"].mean() > cra["window+sink"].mean()
     assert cra["flexsample"].mean() >= cra["oracle"].mean() - 0.02
     assert cra["oracle"].mean() >= cra["flexsample"].mean() - 1e-6  # it is a ceiling
+
+
+def test_default_config_covers_alpha_above_window_sink_near_the_block_oracle():
+    """The default estimator on the same inputs: true CRA mean at alpha or above, above
+    window + sink at equal density, within 0.05 of the block oracle (the ceiling), and the
+    worst head within 0.05 of alpha."""
+    x = structured_qkv(1, 8, 2, LENGTH, 64)
+    config = SampleConfig(min_seq_len=0, q_block=64, kv_block=64)
+    block_mask = sample_block_mask(x.q, x.k, config)
+    target = density(block_mask)
+    patterns = {
+        "default": kept_blocks(block_mask),
+        "window+sink": window_sink(target, LENGTH, config),
+        "oracle": oracle_blocks(x.q, x.k, target, config),
+    }
+    cra = {name: true_cra(x.q, x.k, keep, config).mean(-1)[0] for name, keep in patterns.items()}
+    assert cra["default"].mean() >= config.alpha and cra["default"].min() >= config.alpha - 0.05
+    assert cra["default"].mean() > cra["window+sink"].mean() + 0.05, cra
+    assert cra["oracle"].mean() >= cra["default"].mean() - 0.05, cra
 
 
 def test_baselines_need_square_blocks():

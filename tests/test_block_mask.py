@@ -56,10 +56,12 @@ def random_tiles(draw, scores_covered):
 def test_tile_rule_matches_reference_and_reaches_tile_alpha(data, scores_covered, tile_alpha):
     scores, covered = scores_covered
     tiles = data.draw(random_tiles(scores_covered))
-    config = SampleConfig(alpha=0.9, tile_alpha=tile_alpha)
+    config = SampleConfig(estimator="stripes", alpha=0.9, tile_alpha=tile_alpha)
     stripes = select_stripes(scores, covered, config, tiles)
     assert torch.equal(stripes, reference_select(scores, covered, config, tiles))
-    assert torch.all(stripes >= select_stripes(scores, covered, SampleConfig(alpha=0.9)))
+    assert torch.all(
+        stripes >= select_stripes(scores, covered, SampleConfig(estimator="stripes", alpha=0.9))
+    )
     mass, window, rows = tiles
     kept = (window + (mass * stripes[:, :, None]).sum(-1)) / rows
     assert torch.all(kept >= min(tile_alpha, 1.0) - 1e-5)
@@ -68,13 +70,13 @@ def test_tile_rule_matches_reference_and_reaches_tile_alpha(data, scores_covered
 def test_tile_rule_needs_tile_scores():
     scores, covered = torch.rand(1, 1, 4), torch.rand(1, 1)
     with pytest.raises(ValueError, match="tile_alpha needs the per-tile scores"):
-        select_stripes(scores, covered, SampleConfig(tile_alpha=0.9))
+        select_stripes(scores, covered, SampleConfig(estimator="stripes", tile_alpha=0.9))
 
 
 @given(random_scores(), st.floats(0.0, 1.0))
 def test_stripe_cap(scores_covered, cap):
     scores, covered = scores_covered
-    config = SampleConfig(alpha=1.0, max_stripe_ratio=cap)
+    config = SampleConfig(estimator="stripes", alpha=1.0, max_stripe_ratio=cap)
     stripes = select_stripes(scores, covered, config)
     assert torch.all(stripes.sum(-1) == int(cap * scores.shape[-1]))
     assert torch.equal(stripes, reference_select(scores, covered, config))

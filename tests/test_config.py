@@ -29,7 +29,7 @@ from flexsample import SampleConfig
         ("alpha", "0.9", r"not a number: allowed a float in \(0.0, 1.0\]"),
         ("tile_alpha", 0.0, r"\(0.0, 1.0\]"),
         ("flex_backend", "fa4", "one of"),
-        ("estimator", "xattention", r"one of \('stripes', 'antidiagonal'\)"),
+        ("estimator", "xattention", r"one of \('antidiagonal', 'stripes'\)"),
         ("stride", 12, "power of two dividing q_block=128 and kv_block=128"),
         ("stride", 0, "power of two"),
         ("stride", 256, r"one of \[1, 2, 4, 8, 16, 32, 64, 128\]"),

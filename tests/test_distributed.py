@@ -77,7 +77,9 @@ def _inputs(seq_len, batch=2, heads=4, kv_heads=2, dim=16, seed=0):
     return q, k, v
 
 
-CONFIG = SampleConfig(alpha=0.8, window_ratio=0.1, min_seq_len=0, q_block=32, kv_block=32)
+CONFIG = SampleConfig(
+    estimator="stripes", alpha=0.8, window_ratio=0.1, min_seq_len=0, q_block=32, kv_block=32
+)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -112,7 +114,9 @@ def test_rank_sums_add_up_to_single_process_scores(world, config):
 
 @pytest.mark.parametrize("q_block, kv_block", [(32, 32), (16, 64), (64, 16)])
 def test_shard_block_lists_are_the_rows_of_the_global_lists(q_block, kv_block):
-    config = SampleConfig(min_seq_len=0, q_block=q_block, kv_block=kv_block, window_ratio=0.1)
+    config = SampleConfig(
+        estimator="stripes", min_seq_len=0, q_block=q_block, kv_block=kv_block, window_ratio=0.1
+    )
     seq_len = 1000
     layout = make_layout(config, seq_len, torch.device("cpu"))
     stripes = torch.rand(2, 3, layout.num_kv_blocks, generator=torch.Generator().manual_seed(1))
@@ -182,13 +186,19 @@ def _cp_cases(rank, world):
     # 2. ragged last block (517), q_block != kv_block, one-row tiles, no GQA, batch 1.
     q, k, v = _inputs(517, batch=1, heads=3, kv_heads=3, seed=1)
     config = SampleConfig(
-        alpha=0.7, window_ratio=0.05, min_seq_len=0, q_block=16, kv_block=64, sample_block=1
+        estimator="stripes",
+        alpha=0.7,
+        window_ratio=0.05,
+        min_seq_len=0,
+        q_block=16,
+        kv_block=64,
+        sample_block=1,
     )
     _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
 
     # 3. bf16 structured inputs, GQA 4: the same mask; outputs to bf16 rounding.
     x = structured_qkv(1, 4, 1, 768, 32, seed=2, dtype=torch.bfloat16)
-    config = SampleConfig(alpha=0.9, min_seq_len=0, q_block=32, kv_block=32)
+    config = SampleConfig(estimator="stripes", alpha=0.9, min_seq_len=0, q_block=32, kv_block=32)
     _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=1e-2, rtol=1e-2)
 
     # 4. shorter than min_seq_len: dense, like sample_attention; the dense baseline too.
@@ -234,7 +244,9 @@ def _cp_cases(rank, world):
     saved, cp.CPU_CHUNK_ELEMENTS = cp.CPU_CHUNK_ELEMENTS, heads * seq_len * 64
     try:
         with LargestOutput() as mode:
-            cp.context_parallel_sample_attention(qs, ks, vs, SampleConfig(min_seq_len=0))
+            cp.context_parallel_sample_attention(
+                qs, ks, vs, SampleConfig(estimator="stripes", min_seq_len=0)
+            )
     finally:
         cp.CPU_CHUNK_ELEMENTS = saved
     assert mode.largest <= heads * seq_len * 64 * 2, mode.largest  # never heads * S * S
@@ -247,7 +259,7 @@ def test_context_parallel_equals_single_process_on_two_ranks():
 def _gpu_cases(rank, world):
     # The CUDA path: Triton stage-1 kernel on the strided row view, flex with Q_LEN != KV_LEN
     # (Triton, and FLASH where it can run), NCCL collectives, the dense SDPA baseline.
-    config = SampleConfig(alpha=0.9, min_seq_len=0)
+    config = SampleConfig(estimator="stripes", alpha=0.9, min_seq_len=0)
     x = structured_qkv(1, 8, 2, 8192 + 200, 128, seed=3, dtype=torch.bfloat16, device="cuda")
     for backend in ("triton", "auto"):
         config = dataclasses.replace(config, flex_backend=backend)
@@ -287,7 +299,7 @@ def test_shard_block_mask_under_compiled_flex_equals_single_process():
 
     seq_len, world = 2048, 2
     q, k, v = _inputs(seq_len, batch=1, heads=8, kv_heads=2, dim=64, seed=3)
-    config = SampleConfig(min_seq_len=0, q_block=128, kv_block=128, alpha=0.8)
+    config = SampleConfig(estimator="stripes", min_seq_len=0, q_block=128, kv_block=128, alpha=0.8)
     expected = sample_attention(q, k, v, config, enable_gqa=True)
     layout = make_layout(config, seq_len, q.device)
     stripes = select_stripes(*block_scores(q, k, layout, q.shape[-1] ** -0.5), config)

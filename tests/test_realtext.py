@@ -206,7 +206,7 @@ def test_evaluation_runs_every_method_on_a_tiny_model(checkpoint):
     rows = {row["method"]: row for row in data["tables"][0]["rows"]}
     assert rows["dense"]["ratio"] == 1.0 and rows["dense"]["docs"] == 2
     assert "ppl all" not in rows["dense nearest 64"]
-    default = rows["flexsample a=0.95"]
+    default = rows["flexsample a=0.9"]
     assert default["sparse calls"] == 2 * 2  # 2 layers x 2 documents
     assert 0.0 < rows["flexsample a=0.8"]["density"] <= default["density"] <= 1.0
     # The package's own door is the same function as the sweep's default row.
@@ -217,6 +217,8 @@ def test_evaluation_runs_every_method_on_a_tiny_model(checkpoint):
         assert row["density"] == pytest.approx(default["density"], abs=0.03), name
         assert row["ratio SE"] >= 0
     assert rows["oracle blocks d=0.3"]["density"] >= 0.3
+    for name in ("stripes a=0.95", "stripes a=0.95 tile_alpha=0.5"):  # the published selection
+        assert rows[name]["sparse calls"] == 2 * 2 and 0.0 < rows[name]["density"] <= 1.0
     antidiag = rows["flexsample antidiag max a=0.9 s=8"]
     assert antidiag["sparse calls"] == 2 * 2 and 0.0 < antidiag["density"] <= 1.0
     layers = data["tables"][1]["rows"]

@@ -8,8 +8,10 @@ alternating antidiagonal order (`antidiagonal.strided_order`); K' is k's rows `[
 read through k's strides. Two launches per chunk of strided rows:
 
 1. `_strided_lse_kernel`: for each tile of `BLOCK_N` causal strided keys, the scaled strided
-   logits by `tl.dot` over s*D in `BLOCK_K` steps (the diagonal cell replaced by its causal
-   cells' mean, computed before the loop), then each row's log-sum-exp over every `sub` keys
+   logits: for `cell_score="mean"` by `tl.dot` over s*D in `BLOCK_K` steps (the diagonal cell
+   replaced by its causal cells' mean, computed before the loop), for "max" one D-deep dot per
+   antidiagonal segment and the elementwise max of the s tiles (`_tile_cell_max`, causal and
+   past-S cells masked per segment), then each row's log-sum-exp over every `sub` keys
    (`sub` = the strided keys of a key block, or `BLOCK_N` if a key block is wider) stored in a
    `[rows, sub-blocks]` scratch slice, and the row's online (max, sum), stored per row;
 2. `_block_mass_kernel`: one program per (batch, head, query block) sums
