@@ -271,7 +271,8 @@ def sparse_attention(
     q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D(v)]` -> `[B, Hq, S, Dv]`."""
     block_mask = sample_block_mask(q, k, config, scale=scale)
     options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
-    if q.is_cuda:
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if q.is_cuda and not needs_grad:  # the swap drops the transposed lists backward reads
         block_mask = with_causal_mask_mod(block_mask)
     return attention_with_mask(
         q,
