@@ -101,7 +101,8 @@ def torch_antidiagonal_scores(
     diag_rescale = count / diag_count.clamp(min=1)
     # Q' carries scale (/ count for the mean) per cell and 0 past S (one O(S·D) pass over a
     # gathered copy of q), so the logits need no further pass.
-    row_scale = scale if cell_max else scale / count.clamp(min=1)[:, None]
+    # ("max" scales its fp32 logits instead: see _cell_max_logits.)
+    row_scale = 1.0 if cell_max else scale / count.clamp(min=1)[:, None]
     cell_scale = torch.where(real, row_scale, 0.0).to(q.dtype)
     q_cells = q[:, :, rows.clamp(max=seq_len - 1).flatten()].unflatten(2, (num_strided, s))
     q_cells = q_cells.mul_(cell_scale[..., None]).unflatten(1, (kv_heads, group))
@@ -119,7 +120,7 @@ def torch_antidiagonal_scores(
         m0, m1 = first * per_q, last * per_q
         keys = min(-(-m1 // per_kv) * per_kv, num_strided)  # whole key blocks up to the chunk
         if cell_max:
-            logits = _cell_max_logits(q_cells, k_cells, real, causal, m0, m1, keys)
+            logits = _cell_max_logits(q_cells, k_cells, real, causal, m0, m1, keys, scale)
         else:
             # The group folded into the rows: one [group*rows, s*D] x [s*D, keys] matmul per
             # KV head (a broadcast k would be copied per query head by matmul).
@@ -152,18 +153,23 @@ def _cell_max_logits(
     m0: int,
     m1: int,
     keys: int,
+    scale: float,
 ) -> torch.Tensor:
     """`cell_score="max"` logits of strided rows m0..m1 against strided keys < keys:
     `[B, Hkv, group, m1 - m0, keys]` fp32, the largest of each cell's real causal antidiagonal
-    logits (-inf where none). q_cells `[B, Hkv, group, M, s, D]` (scaled, 0 past S),
+    logits times `scale` (-inf where none). q_cells `[B, Hkv, group, M, s, D]` (0 past S),
     k_cells `[B, Hkv, M, s, D]`, real / causal `[M, s]` as in `torch_antidiagonal_scores`."""
     group = q_cells.shape[2]
     future = _future(m0, m1, keys, q_cells.device)
     best = None
     for a in range(q_cells.shape[-2]):
-        rows = q_cells[:, :, :, m0:m1, a].flatten(2, 3)
-        logits = (rows @ k_cells[:, :, :keys, a].transpose(-1, -2)).unflatten(2, (group, -1))
-        logits = logits.float().masked_fill_(~real[m0:m1, a, None], float("-inf"))
+        # fp32 operands: a bf16 matmul would round each whole logit (the mean's are 1/s of
+        # one), and the kernel keeps them in fp32; near-ties of the selection then flip between
+        # this path (traced code) and the kernel (eager) on the same inputs.
+        rows = q_cells[:, :, :, m0:m1, a].flatten(2, 3).float()
+        keys_t = k_cells[:, :, :keys, a].float().transpose(-1, -2)
+        logits = (rows @ keys_t).unflatten(2, (group, -1)).mul_(scale)
+        logits = logits.masked_fill_(~real[m0:m1, a, None], float("-inf"))
         logits[..., m0:].masked_fill_(future, float("-inf"))
         logits[..., m0:].diagonal(dim1=-2, dim2=-1).masked_fill_(~causal[m0:m1, a], float("-inf"))
         best = logits if best is None else torch.maximum(best, logits, out=best)
