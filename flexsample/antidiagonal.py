@@ -50,6 +50,7 @@ def antidiagonal_scores(
     scale: float,
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
+    q_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Estimated attention mass of every (query block, key block): `[B, Hq, nQ, nKV]` float32.
 
@@ -59,13 +60,20 @@ def antidiagonal_scores(
     (key <= row); each strided row's softmax over n <= m is summed into blocks, so a query
     block's row of the result sums to its number of strided rows with a real row. The Triton
     kernels where `layout.use_kernels`, else the chunked PyTorch path; `chunk_elements` bounds
-    either's temporaries (a chunk's logits, the kernels' per-launch scratch).
+    either's temporaries (a chunk's logits, the kernels' per-launch scratch). `q_blocks`
+    `(first, end)`: only those query blocks' rows of the result, `[B, Hq, end - first, nKV]`,
+    reading q only at their rows (context parallelism: a rank's chunk at its global rows).
     """
+    first, end = (0, math.ceil(q.shape[2] / config.q_block)) if q_blocks is None else q_blocks
     if use_kernels(config, q.device):
         from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
 
-        return triton_antidiagonal_scores(q, k, config, scale, chunk_elements=chunk_elements)
-    return torch_antidiagonal_scores(q, k, config, scale, chunk_elements=chunk_elements)
+        return triton_antidiagonal_scores(
+            q, k, config, scale, chunk_elements=chunk_elements, q_blocks=(first, end)
+        )
+    return torch_antidiagonal_scores(
+        q, k, config, scale, chunk_elements=chunk_elements, q_blocks=(first, end)
+    )
 
 
 def torch_antidiagonal_scores(
@@ -75,6 +83,7 @@ def torch_antidiagonal_scores(
     scale: float,
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
+    q_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The PyTorch path of `antidiagonal_scores`: chunks of query blocks keep temporaries
     O(chunk × S/s)."""
@@ -104,30 +113,34 @@ def torch_antidiagonal_scores(
     # ("max" scales its fp32 logits instead: see _cell_max_logits.)
     row_scale = 1.0 if cell_max else scale / count.clamp(min=1)[:, None]
     cell_scale = torch.where(real, row_scale, 0.0).to(q.dtype)
-    q_cells = q[:, :, rows.clamp(max=seq_len - 1).flatten()].unflatten(2, (num_strided, s))
-    q_cells = q_cells.mul_(cell_scale[..., None]).unflatten(1, (kv_heads, group))
+    per_q, per_kv = q_block // s, kv_block // s
+    first_q, end_q = (0, num_q) if q_blocks is None else q_blocks
+    # q_cells and q_strided hold strided rows lo.. only (indexed m - lo below).
+    lo, hi = first_q * per_q, end_q * per_q
+    q_rows = rows[lo:hi].clamp(max=seq_len - 1).flatten()
+    q_cells = q[:, :, q_rows].unflatten(2, (hi - lo, s))
+    q_cells = q_cells.mul_(cell_scale[lo:hi, :, None]).unflatten(1, (kv_heads, group))
     k_cells = F.pad(k, (0, 0, 0, padded - seq_len)).unflatten(2, (num_strided, s))
     q_strided, k_strided = q_cells.flatten(-2), k_cells.flatten(-2)
 
-    per_q, per_kv = q_block // s, kv_block // s
     real_strided = math.ceil(seq_len / s)  # strided rows from here on hold no real row
-    est = torch.zeros(batch, heads, num_q, num_kv, device=q.device)
+    est = torch.zeros(batch, heads, end_q - first_q, num_kv, device=q.device)
     # "max" holds a running maximum and one segment's logits: two logits tensors.
     row_elements = batch * heads * per_q * num_strided * (2 if cell_max else 1)
     blocks = max(1, chunk_elements // max(1, row_elements))
-    for first in range(0, num_q, blocks):
-        last = min(num_q, first + blocks)
+    for first in range(first_q, end_q, blocks):
+        last = min(end_q, first + blocks)
         m0, m1 = first * per_q, last * per_q
         keys = min(-(-m1 // per_kv) * per_kv, num_strided)  # whole key blocks up to the chunk
         if cell_max:
-            logits = _cell_max_logits(q_cells, k_cells, real, causal, m0, m1, keys, scale)
+            logits = _cell_max_logits(q_cells, k_cells, real, causal, m0, m1, keys, scale, lo)
         else:
             # The group folded into the rows: one [group*rows, s*D] x [s*D, keys] matmul per
             # KV head (a broadcast k would be copied per query head by matmul).
-            chunk = q_strided[:, :, :, m0:m1].flatten(2, 3)
+            chunk = q_strided[:, :, :, m0 - lo : m1 - lo].flatten(2, 3)
             logits = (chunk @ k_strided[:, :, :keys].transpose(-1, -2)).unflatten(2, (group, -1))
             logits[..., m0:].masked_fill_(_future(m0, m1, keys, q.device), float("-inf"))
-            cells = q_cells[:, :, :, m0:m1].float() * k_cells[:, :, None, m0:m1].float()
+            cells = q_cells[:, :, :, m0 - lo : m1 - lo].float() * k_cells[:, :, None, m0:m1].float()
             on_diag = torch.where(causal[m0:m1], cells.sum(-1), 0.0).sum(-1)
             on_diag = (on_diag * diag_rescale[m0:m1]).masked_fill(
                 diag_count[m0:m1] == 0, float("-inf")
@@ -141,7 +154,7 @@ def torch_antidiagonal_scores(
         mass = probs.unflatten(-2, (last - first, per_q)).unflatten(-1, (-1, per_kv))
         mass = mass.sum((-3, -1)).flatten(1, 2)  # [B, Hq, chunk blocks, key blocks]
         width = min(num_kv, mass.shape[-1])
-        est[:, :, first:last, :width] = mass[..., :width]
+        est[:, :, first - first_q : last - first_q, :width] = mass[..., :width]
     return est
 
 
@@ -154,11 +167,13 @@ def _cell_max_logits(
     m1: int,
     keys: int,
     scale: float,
+    lo: int = 0,
 ) -> torch.Tensor:
     """`cell_score="max"` logits of strided rows m0..m1 against strided keys < keys:
     `[B, Hkv, group, m1 - m0, keys]` fp32, the largest of each cell's real causal antidiagonal
     logits times `scale` (-inf where none). q_cells `[B, Hkv, group, M, s, D]` (0 past S),
-    k_cells `[B, Hkv, M, s, D]`, real / causal `[M, s]` as in `torch_antidiagonal_scores`."""
+    k_cells `[B, Hkv, M, s, D]`, real / causal `[M, s]` as in `torch_antidiagonal_scores`; q_cells
+    holds strided rows `lo` on."""
     group = q_cells.shape[2]
     future = _future(m0, m1, keys, q_cells.device)
     best = None
@@ -166,7 +181,7 @@ def _cell_max_logits(
         # fp32 operands: a bf16 matmul would round each whole logit (the mean's are 1/s of
         # one), and the kernel keeps them in fp32; near-ties of the selection then flip between
         # this path (traced code) and the kernel (eager) on the same inputs.
-        rows = q_cells[:, :, :, m0:m1, a].flatten(2, 3).float()
+        rows = q_cells[:, :, :, m0 - lo : m1 - lo, a].flatten(2, 3).float()
         keys_t = k_cells[:, :, :keys, a].float().transpose(-1, -2)
         logits = (rows @ keys_t).unflatten(2, (group, -1)).mul_(scale)
         logits = logits.masked_fill_(~real[m0:m1, a, None], float("-inf"))
@@ -181,13 +196,18 @@ def _future(m0: int, m1: int, keys: int, device: torch.device) -> torch.Tensor:
     return torch.arange(m0, keys, device=device) > torch.arange(m0, m1, device=device)[:, None]
 
 
-def select_blocks(est: torch.Tensor, seq_len: int, config: SampleConfig) -> torch.Tensor:
-    """Kept blocks `[B, H, nQ, nKV]` (bool) from the estimate `[B, H, nQ, nKV]`, per query block:
+def select_blocks(
+    est: torch.Tensor, seq_len: int, config: SampleConfig, first_block: int = 0
+) -> torch.Tensor:
+    """Kept blocks `[B, H, nQ, nKV]` (bool) from the estimate `[B, H, nQ, nKV]` of the query
+    blocks `first_block`, `first_block + 1`, ... (0: all of them), per query block:
     the diagonal blocks (those meeting the block's rows), the `local_blocks` before them and key
     block 0 (the sink), then the fewest other causal blocks by descending estimate (ties: lower
     index first) until the kept estimate reaches `alpha` of the row's; alpha = 1 keeps every
     causal block."""
-    causal, forced = _causal_and_forced(est.shape[-2], est.shape[-1], seq_len, config, est.device)
+    causal, forced = _causal_and_forced(
+        est.shape[-2], est.shape[-1], seq_len, config, est.device, first_block
+    )
     mass = torch.where(causal, est.double(), 0.0)
     total = mass.sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
     covered = torch.where(forced, mass, 0.0).sum(-1) / total
@@ -196,10 +216,16 @@ def select_blocks(est: torch.Tensor, seq_len: int, config: SampleConfig) -> torc
 
 
 def _causal_and_forced(
-    num_q: int, num_kv: int, seq_len: int, config: SampleConfig, device: torch.device
+    num_q: int,
+    num_kv: int,
+    seq_len: int,
+    config: SampleConfig,
+    device: torch.device,
+    first_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[nQ, nKV]` bool: blocks with a causal pair, and the blocks kept whatever the estimate."""
-    first = torch.arange(num_q, device=device)[:, None] * config.q_block
+    """`[nQ, nKV]` bool: blocks with a causal pair, and the blocks kept whatever the estimate,
+    of the query blocks from `first_block` on."""
+    first = torch.arange(first_block, first_block + num_q, device=device)[:, None] * config.q_block
     last = torch.clamp(first + config.q_block, max=seq_len) - 1
     block = torch.arange(num_kv, device=device)
     causal = block <= last // config.kv_block

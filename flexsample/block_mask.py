@@ -112,20 +112,33 @@ def torch_block_lists(
 
 
 def keep_block_mask(
-    keep: torch.Tensor, seq_len: int, config: SampleConfig, *, compute_q_blocks: bool = True
+    keep: torch.Tensor,
+    seq_len: int,
+    config: SampleConfig,
+    *,
+    compute_q_blocks: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> BlockMask:
     """Any causal block keep matrix `[B, H, nQ, nKV]` -> `BlockMask`, on-device with no host
     sync: the antidiagonal estimator's masks and comparison masks (SampleAttention's own masks
     use `build_block_mask`). Blocks ending before the query block's first row are full, the
-    rest partial, so with q_block == kv_block the partial blocks are the diagonal ones."""
+    rest partial, so with q_block == kv_block the partial blocks are the diagonal ones.
+    `rows` `[L]` (int64): the global row of each query row, whose blocks start on block
+    boundaries (a context-parallel shard; Q_LEN = L, KV_LEN = seq_len); None: rows 0..S-1."""
     num_q, num_kv = keep.shape[-2:]
-    first_row = torch.arange(num_q, device=keep.device)[:, None] * config.q_block
+    if rows is None:
+        first_row = torch.arange(num_q, device=keep.device)[:, None] * config.q_block
+        q_len = seq_len
+    else:
+        first_row = rows[:: config.q_block][:num_q, None]
+        q_len = rows.shape[0]
     last_key = (torch.arange(num_kv, device=keep.device)[None, :] + 1) * config.kv_block - 1
     full = keep & (last_key <= first_row)
     partial = keep & ~full
 
     def kept_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & keep[b, h, q_idx // config.q_block, kv_idx // config.kv_block]
+        row = q_idx if rows is None else rows[q_idx]
+        return (row >= kv_idx) & keep[b, h, q_idx // config.q_block, kv_idx // config.kv_block]
 
     return BlockMask.from_kv_blocks(
         partial.sum(-1, dtype=torch.int32),
@@ -134,7 +147,7 @@ def keep_block_mask(
         _ascending(full).to(torch.int32),
         BLOCK_SIZE=(config.q_block, config.kv_block),
         mask_mod=kept_causal,
-        seq_lengths=(seq_len, seq_len),
+        seq_lengths=(q_len, seq_len),
         compute_q_blocks=compute_q_blocks,
     )
 

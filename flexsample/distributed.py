@@ -9,8 +9,12 @@ so chunks differ by at most one block and only the last chunk (rank 0's second) 
 partial block. Every chunk boundary is then a block boundary, so each local query block is
 exactly one global query block, and the mask and its block lists carry over unchanged.
 
-Per call (`context_parallel_sample_attention`), every rank:
-1. all-gathers K and V (shards padded to one length, then put back in sequence order);
+Per call (`context_parallel_sample_attention`), every rank all-gathers K and V (shards padded
+to one length, then put back in sequence order). With the antidiagonal estimator (the default,
+ALGORITHM §9) each query block's estimate and selection need only its own rows and the keys
+before them: each chunk is scored at its global rows against all keys (`q_blocks`), with no
+collective, and its kept blocks become the shard's BlockMask. With the stripes (§2-§4):
+1. (K and V gathered as above);
 2. computes stage 1 for the sampled rows of the GLOBAL layout (`config.sampled_rows(S)`)
    that lie in its own chunks, against all keys, as un-normalised sums (ALGORITHM §2);
 3. all-reduces those sums and divides by the global sampled-row count, so every rank holds
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample import attention as _attention
-from flexsample.block_mask import _ascending, kept_blocks, sampled_causal_mask_mod
+from flexsample.antidiagonal import antidiagonal_scores, select_blocks
+from flexsample.block_mask import _ascending, keep_block_mask, kept_blocks, sampled_causal_mask_mod
 from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
 from flexsample.layout import Layout, make_layout
@@ -280,16 +285,14 @@ def context_parallel_block_mask(
     scale: float | None = None,
 ) -> BlockMask:
     """This rank's SampleAttention BlockMask: q `[B, Hq, L, D]` its zigzag shard, k
-    `[B, Hkv, S, D]` ALL keys (`gather_sequence`). One all-reduce (the stage-1 sums); blocks
-    `[B, Hq, nQ_local, nKV]`, equal to rows `Shard.q_blocks()` of `sample_block_mask`."""
+    `[B, Hkv, S, D]` ALL keys (`gather_sequence`). Stripes: one all-reduce (the stage-1 sums);
+    antidiagonal: none. Blocks `[B, Hq, nQ_local, nKV]`, equal to rows `Shard.q_blocks()` of
+    `sample_block_mask`."""
     config = as_config(config)
-    if config.estimator != "stripes":
-        raise NotImplementedError(
-            f"context parallelism implements estimator='stripes' only, got "
-            f"{config.estimator!r} (the package default): pass "
-            "SampleConfig(estimator='stripes', alpha=0.95, ...)"
-        )
     shard = _group_shard(k.shape[2], group, config.q_block, q.shape[2])
+    if config.estimator == "antidiagonal":
+        with torch.no_grad():
+            return _antidiagonal_shard_mask(q, k, config, shard, scale)
     with torch.no_grad():
         layout = make_layout(config, k.shape[2], q.device)
         scores, covered = _local_score_sums(q, k, layout, shard, _attention.resolve_scale(q, scale))
@@ -299,6 +302,25 @@ def context_parallel_block_mask(
         n_real = int((layout.config.sampled_rows(k.shape[2]) >= 0).sum())
         scores, covered = sums[..., :-1] / n_real, sums[..., -1] / n_real
         return shard_block_mask(select_stripes(scores, covered, config), layout, shard)
+
+
+def _antidiagonal_shard_mask(
+    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, shard: Shard, scale: float | None
+) -> BlockMask:
+    """The antidiagonal estimator's mask of this rank's query blocks (ALGORITHM §9): each query
+    block's estimate and selection need only its own rows and the keys before them, so each
+    chunk is scored at its global rows against all keys, with no collective."""
+    seq_len, scale = k.shape[2], _attention.resolve_scale(q, scale)
+    keeps, rows = [], []
+    for offset, (start, end) in zip(shard.local_offsets(), shard.chunks, strict=True):
+        first, last = start // config.q_block, -(-end // config.q_block)
+        view = _at_global_rows(q[:, :, offset : offset + end - start], start, seq_len)
+        est = antidiagonal_scores(view, k, config, scale, q_blocks=(first, last))
+        keeps.append(select_blocks(est, seq_len, config, first_block=first))
+        rows.append(torch.arange(start, end, device=q.device))
+    return keep_block_mask(
+        torch.cat(keeps, 2), seq_len, config, compute_q_blocks=False, rows=torch.cat(rows)
+    )
 
 
 def shard_attention(

@@ -241,6 +241,24 @@ def test_cell_max_keeps_the_heavy_keys_that_the_mean_damps():
     assert mean.mean() < 0.85 and mean.quantile(0.01) < 0.1, (mean.mean(), mean.quantile(0.01))
 
 
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+@pytest.mark.parametrize("blocks", [(0, 16), (1, 3), (14, 16), (5, 6)])
+def test_a_range_of_query_blocks_reads_only_their_rows(blocks, cell_score):
+    """`q_blocks=(first, end)` (context parallelism's chunks): the full estimate's rows, with q
+    NaN outside those blocks' rows; 1000 tokens = 15.6 blocks of 64."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1000, 16, generator=gen) * 2
+    k = torch.randn(2, 2, 1000, 16, generator=gen)
+    config = SampleConfig(estimator="antidiagonal", q_block=64, kv_block=32, cell_score=cell_score)
+    full = antidiagonal_scores(q, k, config, 0.25)
+    first, end = blocks
+    q[:, :, : first * 64] = float("nan")
+    q[:, :, end * 64 :] = float("nan")
+    for chunk in (1, 1 << 27):
+        got = antidiagonal_scores(q, k, config, 0.25, q_blocks=blocks, chunk_elements=chunk)
+        torch.testing.assert_close(got, full[:, :, first:end])
+
+
 def test_antidiagonal_options_are_checked():
     with pytest.raises(ValueError, match=r"tile_alpha=0.5 is not allowed with estimator="):
         SampleConfig(estimator="antidiagonal", tile_alpha=0.5)

@@ -100,6 +100,26 @@ def test_the_estimate_takes_the_kernel_where_use_kernels(backend, kernel):
         assert (antidiagonal_scores(q, k, config, 0.25) == "kernel") is kernel
 
 
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+def test_a_range_of_query_blocks_reads_only_their_rows(cell_score):
+    """The kernels with `q_blocks` (context parallelism's chunks): the full estimate's rows,
+    with q NaN outside them, in several launches and tiles."""
+    gen = torch.Generator().manual_seed(2)
+    q = (torch.randn(1, 4, 300, 32, generator=gen) * 2).to(DEVICE)
+    k = torch.randn(1, 2, 300, 32, generator=gen).to(DEVICE)
+    config = SampleConfig(
+        estimator="antidiagonal", stride=4, q_block=16, kv_block=32, cell_score=cell_score
+    )
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1}
+    full = _scores(q, k, config, 0.2, **launch)
+    for first, end in [(1, 3), (17, 19), (5, 6)]:
+        masked = q.clone()
+        masked[:, :, : first * 16] = float("nan")
+        masked[:, :, end * 16 :] = float("nan")
+        got = _scores(masked, k, config, 0.2, q_blocks=(first, end), **launch)
+        torch.testing.assert_close(got, full[:, :, first:end])
+
+
 def test_scores_do_not_depend_on_memory_layout():
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 100, 4, 32, generator=gen).to(DEVICE).transpose(1, 2)  # [B, S, H, D]

@@ -201,6 +201,20 @@ def _cp_cases(rank, world):
     config = SampleConfig(estimator="stripes", alpha=0.9, min_seq_len=0, q_block=32, kv_block=32)
     _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=1e-2, rtol=1e-2)
 
+    # 3b. the antidiagonal estimator (the default), which needs no collective: each rank
+    # scores its chunks at their global rows. Odd length, GQA 2, batch 2, fp32; then "mean",
+    # a ragged last block and q_block != kv_block; then bf16 structured inputs.
+    q, k, v = _inputs(1000)
+    config = SampleConfig(alpha=0.8, min_seq_len=0, q_block=32, kv_block=32)
+    _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
+    q, k, v = _inputs(517, batch=1, heads=3, kv_heads=3, seed=1)
+    config = SampleConfig(
+        alpha=0.8, min_seq_len=0, q_block=16, kv_block=64, stride=8, cell_score="mean"
+    )
+    _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
+    config = SampleConfig(min_seq_len=0, q_block=32, kv_block=32)
+    _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=1e-2, rtol=1e-2)
+
     # 4. shorter than min_seq_len: dense, like sample_attention; the dense baseline too.
     q, k, v = _inputs(300)
     qs, ks, vs = _shards(rank, world, 32, q, k, v)
@@ -264,6 +278,9 @@ def _gpu_cases(rank, world):
     for backend in ("triton", "auto"):
         config = dataclasses.replace(config, flex_backend=backend)
         _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=2e-2, rtol=2e-2)
+    # The default (antidiagonal) estimator: its kernels on each rank's strided chunk view.
+    config = SampleConfig(min_seq_len=0)
+    _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=2e-2, rtol=2e-2)
     qs, ks, vs = _shards(rank, world, 128, x.q, x.k, x.v)
     expected = cp.shard_sequence(
         F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, enable_gqa=True),
@@ -280,14 +297,6 @@ def _gpu_cases(rank, world):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_context_parallel_on_two_gpus():
     run_on_ranks(_gpu_cases, 2, backend="nccl")
-
-
-def test_context_parallel_refuses_the_antidiagonal_estimator():
-    """Only the stripes selection is sharded; another estimator is an error, not a guess."""
-    q, k, _ = _inputs(256, batch=1, heads=2, kv_heads=2, seed=0)
-    config = SampleConfig(estimator="antidiagonal", min_seq_len=0, q_block=32, kv_block=32)
-    with pytest.raises(NotImplementedError, match="estimator='stripes' only"):
-        cp.context_parallel_block_mask(q[:, :, :128], k, config)
 
 
 @pytest.mark.slow

@@ -205,7 +205,7 @@ def _strided_lse_kernel(
     stride_ks,
     stride_kd,
     seq_len,
-    num_strided,
+    row_end,
     kv_heads,
     row0,
     tiles,
@@ -235,8 +235,8 @@ def _strided_lse_kernel(
     g = offs_r // ROWS
     head = bk % kv_heads * GROUP + g
     m = row0 + tile * ROWS + offs_r % ROWS  # strided row of each program row
-    row_ok = (g < GROUP) & (m < num_strided)
-    n_end = tl.minimum(row0 + (tile + 1) * ROWS, num_strided)  # keys n <= the last row
+    row_ok = (g < GROUP) & (m < row_end)
+    n_end = tl.minimum(row0 + (tile + 1) * ROWS, row_end)  # keys n <= the last row
     q_rows = Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (bk % kv_heads).to(tl.int64) * stride_kh
     offs_k = tl.arange(0, BLOCK_K)
@@ -339,12 +339,13 @@ def _block_mass_kernel(
     BLOCK_LSE,
     ROW_LSE,
     EST,
-    num_strided,
+    row_end,
     row0,
     q_block0,
     chunk_rows,
     width,
-    num_q,
+    out_q0,
+    out_q,
     num_kv,
     PER_Q: tl.constexpr,
     SUB: tl.constexpr,
@@ -355,9 +356,10 @@ def _block_mass_kernel(
     qb = q_block0 + tl.program_id(0)
     bh = tl.program_id(1)  # batch * Hq + head: the scratch's and the estimate's leading index
     first = qb * PER_Q
-    last = tl.minimum(first + PER_Q, num_strided)
+    last = tl.minimum(first + PER_Q, row_end)
     num_sub = (last - 1) // SUB + 1  # sub-blocks with a key causal for the block's last row
-    out = EST + (bh.to(tl.int64) * num_q + qb) * num_kv
+    # EST holds query blocks out_q0 .. out_q0 + out_q - 1 (a context-parallel chunk's).
+    out = EST + (bh.to(tl.int64) * out_q + qb - out_q0) * num_kv
     offs_j = tl.arange(0, BLOCK_J)
     for j0 in range(0, num_sub, BLOCK_J):
         j = j0 + offs_j
@@ -392,15 +394,18 @@ def antidiagonal_block_scores(
     num_warps: int,
     num_stages: int,
     cell_max: bool,
+    first_q: int,
+    end_q: int,
 ) -> torch.Tensor:
-    """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> the estimate `[B, Hq, nQ, nKV]` (fp32, zeros
-    above the diagonal). Strided rows are launched in chunks whose scratch holds at most
-    `chunk_elements` floats (or one query block / tile of rows, whichever is more); the other
-    arguments are the first kernel's launch parameters."""
+    """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
+    `[B, Hq, end_q - first_q, nKV]` (fp32, zeros above the diagonal); q is read at their rows
+    only. Strided rows are launched in chunks whose scratch holds at most `chunk_elements`
+    floats (or one query block / tile of rows, whichever is more); the other arguments are the
+    first kernel's launch parameters."""
     batch, heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    num_q, num_kv = triton.cdiv(seq_len, q_block), triton.cdiv(seq_len, kv_block)
+    num_kv = triton.cdiv(seq_len, kv_block)
     num_strided = triton.cdiv(seq_len, stride)
     per_q, per_kv = q_block // stride, kv_block // stride
     g_pad = triton.next_power_of_2(group)
@@ -409,15 +414,16 @@ def antidiagonal_block_scores(
     width = triton.cdiv(num_strided, sub)
     unit = max(rows, per_q)  # chunks hold whole tiles and whole query blocks
     chunk_rows = max(unit, chunk_elements // (batch * heads * width) // unit * unit)
-    chunk_rows = min(chunk_rows, triton.cdiv(num_strided, unit) * unit)
-    est = torch.zeros(batch, heads, num_q, num_kv, device=q.device)
+    row_lo, row_hi = first_q * per_q, min(end_q * per_q, num_strided)
+    chunk_rows = min(chunk_rows, triton.cdiv(row_hi - row_lo, unit) * unit)
+    est = torch.zeros(batch, heads, end_q - first_q, num_kv, device=q.device)
     block_lse = torch.empty(batch * heads, chunk_rows, width, device=q.device)
     row_lse = torch.empty(batch * heads, chunk_rows, device=q.device)
     upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     block_k = min(block_k, max(16, triton.next_power_of_2(dim)))
     block_r = min(32, triton.next_power_of_2(per_q))
-    for row0 in range(0, num_strided, chunk_rows):
-        chunk = min(chunk_rows, num_strided - row0)
+    for row0 in range(row_lo, row_hi, chunk_rows):
+        chunk = min(chunk_rows, row_hi - row0)
         tiles = triton.cdiv(chunk, rows)
         wrap_triton(_strided_lse_kernel)[(tiles * batch * kv_heads,)](
             q,
@@ -427,7 +433,7 @@ def antidiagonal_block_scores(
             *q.stride(),
             *k.stride(),
             seq_len,
-            num_strided,
+            row_hi,  # row_end: rows past it (another chunk's) are not read
             kv_heads,
             row0,
             tiles,
@@ -453,12 +459,13 @@ def antidiagonal_block_scores(
             block_lse,
             row_lse,
             est,
-            num_strided,
+            row_hi,
             row0,
             row0 // per_q,
             chunk_rows,
             width,
-            num_q,
+            first_q,
+            end_q - first_q,
             num_kv,
             PER_Q=per_q,
             SUB=sub,
@@ -481,9 +488,11 @@ def triton_antidiagonal_scores(
     block_k: int = BLOCK_K,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    q_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
     tests and sweeps."""
+    first_q, end_q = (0, triton.cdiv(q.shape[2], config.q_block)) if q_blocks is None else q_blocks
     return antidiagonal_block_scores(
         q,
         k,
@@ -498,4 +507,6 @@ def triton_antidiagonal_scores(
         num_warps,
         num_stages,
         config.cell_score == "max",
+        first_q,
+        end_q,
     )
