@@ -32,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.harness import RESULTS, progress, write_results
+from bench.harness import RESULTS, config_override, progress, write_results
 from flexsample import SampleConfig, sample_attention, sample_block_mask
 from flexsample import distributed as cp
 from flexsample.block_mask import kept_blocks
@@ -204,7 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-len", type=int, default=131072, help="0 skips the check")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--alpha", type=float, default=0.95)
+    parser.add_argument(
+        "--set",
+        type=config_override,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="SampleConfig fields over the measured base (estimator='stripes', alpha 0.95); "
+        "e.g. --set estimator=antidiagonal --set alpha=0.9 for the package default",
+    )
     parser.add_argument(
         "--flex-backend",
         choices=["auto", "triton", "flash"],
@@ -230,9 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank:
         global progress
         progress = _quiet  # one rank reports
-    config = SampleConfig(
-        estimator="stripes", alpha=args.alpha, min_seq_len=0, flex_backend=args.flex_backend
-    )
+    base = {"estimator": "stripes", "alpha": 0.95, "min_seq_len": 0}
+    config = SampleConfig(**(base | {"flex_backend": args.flex_backend} | dict(args.set)))
     rows, checks = [], []
     try:
         if args.check_len:
@@ -269,8 +276,9 @@ def _write(args, config: SampleConfig, world: int, rows: list[dict], checks: lis
         "the table has the median over calls. 'imbalance' = slowest / fastest rank of the "
         "flexsample op. 'peak GiB' = the op's peak allocated memory on rank 0 (inputs included).",
         "Parts of the flexsample op, each timed alone: 'gather ms' (K and V all-gathers), "
-        "'mask build ms' (stage 1 on the rank's sampled rows, all-reduce, selection, shard "
-        "block lists), 'sparse attn ms' (flex_attention over the shard).",
+        "'mask build ms' (stripes: stage 1 on the rank's sampled rows, all-reduce, selection, "
+        "shard block lists; antidiagonal: each chunk's estimate and selection, the shard "
+        "BlockMask), 'sparse attn ms' (flex_attention over the shard).",
         "'x vs dense ...' = dense CP time / flexsample CP time, all end to end with the "
         "all-gathers. Dense CP sdpa: FlashAttention via causal_lower_right per chunk. "
         "Dense CP flex: flex_attention with every causal block, same layout.",
