@@ -32,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.harness import RESULTS, config_override, progress, write_results
+from bench.harness import RESULTS, add_config_overrides, progress, write_results
 from flexsample import SampleConfig, sample_attention, sample_block_mask
 from flexsample import distributed as cp
 from flexsample.block_mask import kept_blocks
@@ -204,15 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-len", type=int, default=131072, help="0 skips the check")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set",
-        type=config_override,
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="SampleConfig fields over the measured base (estimator='stripes', alpha 0.95); "
-        "e.g. --set estimator=antidiagonal --set alpha=0.9 for the package default",
-    )
+    # Over the measured base, estimator="stripes" at alpha 0.95.
+    add_config_overrides(parser, "--set estimator=antidiagonal --set alpha=0.9")
     parser.add_argument(
         "--flex-backend",
         choices=["auto", "triton", "flash"],

@@ -84,6 +84,18 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
     )
 
 
+def add_config_overrides(parser, example: str) -> None:
+    """`--set FIELD=VALUE` (repeatable; `args.set`: (field, value) pairs of SampleConfig)."""
+    parser.add_argument(
+        "--set",
+        type=config_override,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=f"override a SampleConfig field (repeatable), e.g. {example}",
+    )
+
+
 def config_override(text: str) -> tuple[str, object]:
     """`--set FIELD=VALUE` of a SampleConfig field: VALUE as an int, float, None or string."""
     field, sep, value = text.partition("=")

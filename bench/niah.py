@@ -27,7 +27,7 @@ import sys
 import torch
 
 import flexsample
-from bench.harness import RESULTS, config_override, progress, write_results
+from bench.harness import RESULTS, add_config_overrides, progress, write_results
 from bench.retrieval import niah_prompt
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
@@ -182,14 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="override SampleConfig.alpha (default: the package's)",
     )
-    parser.add_argument(
-        "--set",
-        type=config_override,
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a SampleConfig field (repeatable), e.g. --set estimator=stripes",
-    )
+    add_config_overrides(parser, "--set estimator=stripes --set alpha=0.95")
     parser.add_argument("--name", default="niah")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
