@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     default = {
         "block_m": kernels.BLOCK_M,
         "block_n": kernels.BLOCK_N,
-        "block_k": kernels.BLOCK_K,
+        "block_k": f"{kernels.BLOCK_K} ({kernels.BLOCK_K_SM90} on sm_90+)",
         "num_warps": kernels.NUM_WARPS,
         "num_stages": kernels.NUM_STAGES,
     }

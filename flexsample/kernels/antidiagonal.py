@@ -44,11 +44,14 @@ from flexsample.config import SampleConfig
 #: Rows per program (group heads x strided rows), strided keys per tile, s*D elements per dot
 #: step, warps and pipeline stages of the first kernel. Q' (BLOCK_M x s*D, 256 KiB in bf16 at
 #: s = 8) is re-read for every key tile and the programs in flight hold more of it than the
-#: H100's L2, so BLOCK_N sets Q' traffic per FLOP (1/BLOCK_N bytes in bf16): 128, where 64
-#: would bound the kernel near 200 TFLOP/s on HBM. Compiled for sm_90 (bf16, D 128, s 8 or 16):
-#: wgmma with cp.async pipelining, 128 registers, 96 KiB shared memory, no spills, so two
-#: programs per SM. Not yet swept on a GPU: `python -m bench.antidiagonal_kernel`.
+#: H100's L2, so BLOCK_N sets Q' traffic per FLOP (1/BLOCK_N bytes in bf16): 128. Measured
+#: (`bench/results/antidiagonal_kernel.md`, H100, Llama-3-8B shape, 128K): BLOCK_N 128 against
+#: 64 is 1.9x faster; 8 warps; 3 or 4 stages within 1%. BLOCK_K 128 against 64 is 16% faster
+#: ("max", stride 16: 21.4 vs 25.4 ms; stride 8: 43.7 vs 48.0; "mean" 2-5%) but needs 192 KiB
+#: of shared memory at 3 stages, which only Hopper-class GPUs (sm_90+, 227 KiB) have: it is
+#: BLOCK_K_SM90 there and BLOCK_K elsewhere.
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 3
+BLOCK_K_SM90 = 128
 
 
 @triton.jit
@@ -485,13 +488,16 @@ def triton_antidiagonal_scores(
     chunk_elements: int,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
-    block_k: int = BLOCK_K,
+    block_k: int | None = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     q_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
-    tests and sweeps."""
+    tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K)."""
+    if block_k is None:
+        hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+        block_k = BLOCK_K_SM90 if hopper else BLOCK_K
     first_q, end_q = (0, triton.cdiv(q.shape[2], config.q_block)) if q_blocks is None else q_blocks
     return antidiagonal_block_scores(
         q,
