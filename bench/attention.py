@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = [
         f"Inputs: flexsample.synthetic.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
         f"D={dim}, {dtype}. Head kinds local/stripe/diffuse in turn: the diffuse third keeps "
-        "most blocks at alpha 0.95, which bounds the default config's density from below.",
+        "most blocks at alpha 0.95, which bounds the stripes density (alpha 0.95) from below.",
         f"'default' is {base}; '~d%' rows are alpha=1, window_ratio=d/5, "
         "max_stripe_ratio=d/2.2 (density measured, in the row); 'antidiag c a=x s=y' rows "
         "are estimator='antidiagonal', cell_score=c, alpha=x, stride=y (ALGORITHM §9).",

@@ -51,6 +51,7 @@ def antidiagonal_scores(
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
     q_blocks: tuple[int, int] | None = None,
+    q_row0: int = 0,
 ) -> torch.Tensor:
     """Estimated attention mass of every (query block, key block): `[B, Hq, nQ, nKV]` float32.
 
@@ -61,19 +62,27 @@ def antidiagonal_scores(
     block's row of the result sums to its number of strided rows with a real row. The Triton
     kernels where `layout.use_kernels`, else the chunked PyTorch path; `chunk_elements` bounds
     either's temporaries (a chunk's logits, the kernels' per-launch scratch). `q_blocks`
-    `(first, end)`: only those query blocks' rows of the result, `[B, Hq, end - first, nKV]`,
-    reading q only at their rows (context parallelism: a rank's chunk at its global rows).
+    `(first, end)`: only those query blocks' rows of the result, `[B, Hq, end - first, nKV]`;
+    then q may hold only rows `q_row0 .. q_row0 + L - 1` of the sequence (k's length), which
+    must cover those blocks' rows (context parallelism: a rank's chunk).
     """
-    first, end = (0, math.ceil(q.shape[2] / config.q_block)) if q_blocks is None else q_blocks
+    seq_len = k.shape[2]
+    num_q = math.ceil(seq_len / config.q_block)
+    first, end = (0, num_q) if q_blocks is None else q_blocks
+    if not 0 <= first < end <= num_q:
+        raise ValueError(f"q_blocks={q_blocks} is not allowed: use 0 <= first < end <= {num_q}")
+    rows_needed = (first * config.q_block, min(end * config.q_block, seq_len))
+    if q_row0 > rows_needed[0] or q_row0 + q.shape[2] < rows_needed[1]:
+        raise ValueError(
+            f"q holds rows {q_row0}..{q_row0 + q.shape[2] - 1}, but query blocks {first}..{end - 1}"
+            f" need rows {rows_needed[0]}..{rows_needed[1] - 1}"
+        )
+    call = {"chunk_elements": chunk_elements, "q_blocks": (first, end), "q_row0": q_row0}
     if use_kernels(config, q.device):
         from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
 
-        return triton_antidiagonal_scores(
-            q, k, config, scale, chunk_elements=chunk_elements, q_blocks=(first, end)
-        )
-    return torch_antidiagonal_scores(
-        q, k, config, scale, chunk_elements=chunk_elements, q_blocks=(first, end)
-    )
+        return triton_antidiagonal_scores(q, k, config, scale, **call)
+    return torch_antidiagonal_scores(q, k, config, scale, **call)
 
 
 def torch_antidiagonal_scores(
@@ -84,10 +93,12 @@ def torch_antidiagonal_scores(
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
     q_blocks: tuple[int, int] | None = None,
+    q_row0: int = 0,
 ) -> torch.Tensor:
     """The PyTorch path of `antidiagonal_scores`: chunks of query blocks keep temporaries
     O(chunk × S/s)."""
-    batch, heads, seq_len, dim = q.shape
+    batch, heads, _, dim = q.shape
+    seq_len = k.shape[2]
     kv_heads, group = k.shape[1], heads // k.shape[1]
     s, q_block, kv_block = config.stride, config.q_block, config.kv_block
     num_q, num_kv = math.ceil(seq_len / q_block), math.ceil(seq_len / kv_block)
@@ -117,7 +128,7 @@ def torch_antidiagonal_scores(
     first_q, end_q = (0, num_q) if q_blocks is None else q_blocks
     # q_cells and q_strided hold strided rows lo.. only (indexed m - lo below).
     lo, hi = first_q * per_q, end_q * per_q
-    q_rows = rows[lo:hi].clamp(max=seq_len - 1).flatten()
+    q_rows = rows[lo:hi].clamp(max=seq_len - 1).flatten() - q_row0
     q_cells = q[:, :, q_rows].unflatten(2, (hi - lo, s))
     q_cells = q_cells.mul_(cell_scale[lo:hi, :, None]).unflatten(1, (kv_heads, group))
     k_cells = F.pad(k, (0, 0, 0, padded - seq_len)).unflatten(2, (num_strided, s))

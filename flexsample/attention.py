@@ -125,12 +125,15 @@ def sample_block_mask(
     config: SampleConfig | None = None,
     *,
     scale: float | None = None,
+    for_backward: bool | None = None,
 ) -> BlockMask:
     """SampleAttention's causal block mask for q `[B, Hq, S, D]` and k `[B, Hkv, S, D]`, chosen
     by `config.estimator`: window ∪ stripes (§2-§4) or the antidiagonal estimate (§9).
 
     The mask has one row of blocks per query head (`[B, Hq, nQ, nKV]`), for `flex_attention`
     with `enable_gqa=True` when Hq != Hkv. Built on q's device with no host sync.
+    `for_backward`: also build the transposed block lists that flex's backward reads (None:
+    when grad mode is on and q or k requires grad; pass True when only v does).
     """
     config = as_config(config)
     validate_inputs(q, k, scale=scale)
@@ -141,7 +144,9 @@ def sample_block_mask(
     if q.dtype not in SPARSE_DTYPES:
         raise TypeError(f"dtype {q.dtype} has no sparse kernel: allowed {SPARSE_DTYPES}")
     # Backward through flex_attention needs the transposed (q-block) indices.
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    needs_grad = for_backward
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
         if config.estimator == "antidiagonal":
             keep = antidiagonal_keep(q, k, config, resolve_scale(q, scale))
@@ -269,9 +274,9 @@ def sparse_attention(
     """The sparse path alone, for a causal prefill the caller has already routed here
     (`paths.dense_reason` is None): SampleAttention's mask, then attention under it.
     q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D(v)]` -> `[B, Hq, S, Dv]`."""
-    block_mask = sample_block_mask(q, k, config, scale=scale)
-    options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    block_mask = sample_block_mask(q, k, config, scale=scale, for_backward=needs_grad)
+    options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
     if q.is_cuda and not needs_grad:  # the swap drops the transposed lists backward reads
         block_mask = with_causal_mask_mod(block_mask)
     return attention_with_mask(

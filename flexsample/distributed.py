@@ -309,13 +309,13 @@ def _antidiagonal_shard_mask(
 ) -> BlockMask:
     """The antidiagonal estimator's mask of this rank's query blocks (ALGORITHM §9): each query
     block's estimate and selection need only its own rows and the keys before them, so each
-    chunk is scored at its global rows against all keys, with no collective."""
+    chunk (rows in place: `q_row0`) is scored against all keys, with no collective."""
     seq_len, scale = k.shape[2], _attention.resolve_scale(q, scale)
     keeps, rows = [], []
     for offset, (start, end) in zip(shard.local_offsets(), shard.chunks, strict=True):
         first, last = start // config.q_block, -(-end // config.q_block)
-        view = _at_global_rows(q[:, :, offset : offset + end - start], start, seq_len)
-        est = antidiagonal_scores(view, k, config, scale, q_blocks=(first, last))
+        chunk = q[:, :, offset : offset + end - start]
+        est = antidiagonal_scores(chunk, k, config, scale, q_blocks=(first, last), q_row0=start)
         keeps.append(select_blocks(est, seq_len, config, first_block=first))
         rows.append(torch.arange(start, end, device=q.device))
     return keep_block_mask(

@@ -252,11 +252,22 @@ def test_a_range_of_query_blocks_reads_only_their_rows(blocks, cell_score):
     config = SampleConfig(estimator="antidiagonal", q_block=64, kv_block=32, cell_score=cell_score)
     full = antidiagonal_scores(q, k, config, 0.25)
     first, end = blocks
-    q[:, :, : first * 64] = float("nan")
-    q[:, :, end * 64 :] = float("nan")
+    masked = q.clone()
+    masked[:, :, : first * 64] = float("nan")
+    masked[:, :, end * 64 :] = float("nan")
     for chunk in (1, 1 << 27):
         got = antidiagonal_scores(q, k, config, 0.25, q_blocks=blocks, chunk_elements=chunk)
         torch.testing.assert_close(got, full[:, :, first:end])
+        got = antidiagonal_scores(masked, k, config, 0.25, q_blocks=blocks, chunk_elements=chunk)
+        torch.testing.assert_close(got, full[:, :, first:end])
+    # Only the blocks' rows, in place: what a context-parallel rank holds.
+    rows = q[:, :, first * 64 : end * 64]
+    got = antidiagonal_scores(rows, k, config, 0.25, q_blocks=blocks, q_row0=first * 64)
+    torch.testing.assert_close(got, full[:, :, first:end])
+    with pytest.raises(ValueError, match="q holds rows"):
+        antidiagonal_scores(rows[:, :, 1:], k, config, 0.25, q_blocks=blocks, q_row0=first * 64)
+    with pytest.raises(ValueError, match=r"q_blocks=\(3, 3\) is not allowed"):
+        antidiagonal_scores(q, k, config, 0.25, q_blocks=(3, 3))
 
 
 def test_antidiagonal_options_are_checked():

@@ -118,6 +118,9 @@ def test_a_range_of_query_blocks_reads_only_their_rows(cell_score):
         masked[:, :, end * 16 :] = float("nan")
         got = _scores(masked, k, config, 0.2, q_blocks=(first, end), **launch)
         torch.testing.assert_close(got, full[:, :, first:end])
+        rows = q[:, :, first * 16 : end * 16]  # only the blocks' rows, in place
+        got = _scores(rows, k, config, 0.2, q_blocks=(first, end), q_row0=first * 16, **launch)
+        torch.testing.assert_close(got, full[:, :, first:end])
 
 
 def test_scores_do_not_depend_on_memory_layout():

@@ -75,27 +75,35 @@ def test_block_mask_has_query_heads():
     assert block_mask.seq_lengths == (100, 100)
 
 
+@pytest.mark.parametrize("trainable", ["qkv", "v"])
+@pytest.mark.parametrize("estimator", ["antidiagonal", "stripes"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_grads_equal_sdpa(device):
-    """The sparse path is differentiable (alpha=1: every block, so gradients equal SDPA's)."""
+def test_grads_equal_sdpa(device, estimator, trainable):
+    """The sparse path is differentiable (alpha=1: every block, so gradients equal SDPA's),
+    also when only v requires grad (flex's backward still reads the transposed lists)."""
     torch.manual_seed(0)
     flexsample.path_counts.clear()
-    q, k, v = (torch.randn(1, 2, 64, 16, device=device, requires_grad=True) for _ in range(3))
-    config = SampleConfig(alpha=1.0, min_seq_len=0, q_block=16, kv_block=16)
+    q, k, v = (torch.randn(1, 2, 64, 16, device=device) for _ in range(3))
+    inputs = {"q": q, "k": k, "v": v}
+    for name in trainable:
+        inputs[name].requires_grad_(True)
+    config = SampleConfig(estimator=estimator, alpha=1.0, min_seq_len=0, q_block=16, kv_block=16)
     sample_attention(q, k, v, config).sum().backward()
-    grads = [x.grad.clone() for x in (q, k, v)]
-    for x in (q, k, v):
-        x.grad = None
+    grads = [inputs[name].grad.clone() for name in trainable]
+    for name in trainable:
+        inputs[name].grad = None
     F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-    for got, x in zip(grads, (q, k, v), strict=True):
-        torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+    for got, name in zip(grads, trainable, strict=True):
+        torch.testing.assert_close(got, inputs[name].grad, atol=1e-5, rtol=1e-5)
     assert flexsample.path_counts == {"sparse": 1}
 
 
 def test_backward_through_a_sparse_mask_matches_the_reference():
     """alpha < 1: gradients of the sparse path are those of attention under its mask."""
     gen = torch.Generator().manual_seed(3)
-    config = SampleConfig(min_seq_len=0, q_block=16, kv_block=16, alpha=0.8, window_ratio=0.1)
+    config = SampleConfig(
+        estimator="stripes", min_seq_len=0, q_block=16, kv_block=16, alpha=0.8, window_ratio=0.1
+    )
     q, k = torch.randn(2, 4, 150, 16, generator=gen) * 2, torch.randn(2, 2, 150, 16, generator=gen)
     v = torch.randn(2, 2, 150, 16, generator=gen)
     keep = kept_blocks(sample_block_mask(q, k, config))

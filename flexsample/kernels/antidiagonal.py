@@ -208,6 +208,7 @@ def _strided_lse_kernel(
     stride_ks,
     stride_kd,
     seq_len,
+    q_row0,
     row_end,
     kv_heads,
     row0,
@@ -240,7 +241,13 @@ def _strided_lse_kernel(
     m = row0 + tile * ROWS + offs_r % ROWS  # strided row of each program row
     row_ok = (g < GROUP) & (m < row_end)
     n_end = tl.minimum(row0 + (tile + 1) * ROWS, row_end)  # keys n <= the last row
-    q_rows = Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    # Q holds rows q_row0.. only (a context-parallel chunk); rows read are all >= q_row0.
+    q_rows = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + head.to(tl.int64) * stride_qh
+        - tl.cast(q_row0, tl.int64) * stride_qs
+    )
     k_base = K + b.to(tl.int64) * stride_kb + (bk % kv_heads).to(tl.int64) * stride_kh
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -399,13 +406,15 @@ def antidiagonal_block_scores(
     cell_max: bool,
     first_q: int,
     end_q: int,
+    q_row0: int,
 ) -> torch.Tensor:
-    """q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
-    `[B, Hq, end_q - first_q, nKV]` (fp32, zeros above the diagonal); q is read at their rows
-    only. Strided rows are launched in chunks whose scratch holds at most `chunk_elements`
-    floats (or one query block / tile of rows, whichever is more); the other arguments are the
-    first kernel's launch parameters."""
-    batch, heads, seq_len, dim = q.shape
+    """q `[B, Hq, L, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
+    `[B, Hq, end_q - first_q, nKV]` (fp32, zeros above the diagonal); q holds rows q_row0..
+    q_row0 + L - 1 and is read at the blocks' rows only. Strided rows are launched in chunks
+    whose scratch holds at most `chunk_elements` floats (or one query block / tile of rows,
+    whichever is more); the other arguments are the first kernel's launch parameters."""
+    batch, heads, _, dim = q.shape
+    seq_len = k.shape[2]
     kv_heads = k.shape[1]
     group = heads // kv_heads
     num_kv = triton.cdiv(seq_len, kv_block)
@@ -436,6 +445,7 @@ def antidiagonal_block_scores(
             *q.stride(),
             *k.stride(),
             seq_len,
+            q_row0,
             row_hi,  # row_end: rows past it (another chunk's) are not read
             kv_heads,
             row0,
@@ -492,13 +502,14 @@ def triton_antidiagonal_scores(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     q_blocks: tuple[int, int] | None = None,
+    q_row0: int = 0,
 ) -> torch.Tensor:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
     tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K)."""
     if block_k is None:
         hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
         block_k = BLOCK_K_SM90 if hopper else BLOCK_K
-    first_q, end_q = (0, triton.cdiv(q.shape[2], config.q_block)) if q_blocks is None else q_blocks
+    first_q, end_q = (0, triton.cdiv(k.shape[2], config.q_block)) if q_blocks is None else q_blocks
     return antidiagonal_block_scores(
         q,
         k,
@@ -515,4 +526,5 @@ def triton_antidiagonal_scores(
         config.cell_score == "max",
         first_q,
         end_q,
+        q_row0,
     )
