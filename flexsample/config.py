@@ -35,10 +35,11 @@ class SampleConfig:
     sample_block: rows per contiguous sampled tile; 1 gives evenly strided rows.
     q_block, kv_block: block sizes of the mask (FlexAttention's BLOCK_SIZE).
     min_seq_len: sequences shorter than this run dense SDPA (sparsity does not pay there).
-        16384: the default config's total (mask build + attention) against cuDNN on the H100
+        16384: the stripes config's total (mask build + attention) against cuDNN on the H100
         was 0.52x / 0.56x at 8K, 0.92x / 1.07x at 12K and 1.61x / 2.05x at 16K (Triton /
         FLASH backend; bench/results/attention_short.md), so 16K is the first measured length
-        that pays on both backends.
+        that paid on both backends. Not re-measured below 32K for the antidiagonal default
+        (3.9x cuDNN at 32K with FLASH, attention.md).
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
     tile_alpha: None (the paper's selection from the mean over sampled rows), or a CRA
