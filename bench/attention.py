@@ -33,6 +33,7 @@ from bench.harness import (
 )
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.attention import attention_with_mask
+from flexsample.block_mask import with_causal_mask_mod
 from flexsample.flex_backend import flash_unavailable_reason, kernel_options
 from flexsample.metrics import density
 from flexsample.synthetic import structured_qkv
@@ -80,7 +81,8 @@ def fixed_density(target: float, base: SampleConfig) -> SampleConfig:
 def measure(
     x, config: SampleConfig, dense: dict[str, float], backends: list[str]
 ) -> list[dict[str, float]]:
-    """One row per flex backend: the mask is built (and its build timed) once."""
+    """One row per flex backend: the mask is built (and its build timed) once; the attention
+    runs it as `sparse_attention` does, under `with_causal_mask_mod` on CUDA."""
     block_mask = sample_block_mask(x.q, x.k, config)
     build = {
         "density": density(block_mask).mean().item(),
@@ -95,12 +97,13 @@ def measure(
             v=x.v,
             block_mask=block_mask,
         )
+        run_mask = with_causal_mask_mod(block_mask) if x.q.is_cuda else block_mask
         row = {
             "backend": backend,
             **build,
             "sparse attn ms": time_ms(
-                lambda o=options: attention_with_mask(
-                    x.q, x.k, x.v, block_mask, enable_gqa=True, kernel_options=o
+                lambda o=options, m=run_mask: attention_with_mask(
+                    x.q, x.k, x.v, m, enable_gqa=True, kernel_options=o
                 )
             ),
         }
@@ -140,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     heads, kv_heads, dim = shape
     base = SampleConfig(min_seq_len=0)
     configs = (
-        {"default": base}
+        {
+            "default": base,
+            "stripes a=0.95": dataclasses.replace(base, estimator="stripes", alpha=0.95),
+        }
         | {f"~{round(100 * d)}%": fixed_density(d, base) for d in args.densities}
         | antidiagonal_configs(base, args)
     )
@@ -175,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Inputs: flexsample.synthetic.structured_qkv(seed=0), B=1, Hq={heads}, Hkv={kv_heads}, "
         f"D={dim}, {dtype}. Head kinds local/stripe/diffuse in turn: the diffuse third keeps "
         "most blocks at alpha 0.95, which bounds the stripes density (alpha 0.95) from below.",
-        f"'default' is {base}; '~d%' rows are alpha=1, window_ratio=d/5, "
+        f"'default' is {base}; 'stripes a=0.95' is SampleAttention's window and stripes at "
+        "alpha 0.95 (the default before the antidiagonal estimator); '~d%' rows are alpha=1, "
+        "window_ratio=d/5, "
         "max_stripe_ratio=d/2.2 (density measured, in the row); 'antidiag c a=x s=y' rows "
         "are estimator='antidiagonal', cell_score=c, alpha=x, stride=y (ALGORITHM §9).",
         "Times are medians of triton.testing.do_bench. 'mask build' is sample_block_mask end "
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         "default with enable_gqa=True, dense flex = compiled flex_attention over all causal "
         "blocks. efficiency = density x dense flex ms / sparse attn ms.",
         "backend: flex_attention's kernel for the sparse attention, Triton or FLASH "
-        "(FlashAttention-4, kernel_options BACKEND='FLASH'); both run the same mask; dense "
+        "(FlashAttention-4, kernel_options BACKEND='FLASH'); both run the same mask, under the "
+        "causal mask_mod that sparse_attention hands the kernel (with_causal_mask_mod); dense "
         "flex (and so efficiency) is Triton's. "
         + (f"FLASH not run: {flash_note}." if flash_note else f"Ran: {', '.join(backends)}."),
     ]

@@ -32,9 +32,14 @@ from bench.harness import (
     write_results,
 )
 from flexsample import SampleConfig, sample_block_mask
-from flexsample.antidiagonal import antidiagonal_scores, select_blocks
+from flexsample.antidiagonal import antidiagonal_scores, selected_lists
 from flexsample.attention import attention_with_mask
-from flexsample.block_mask import build_block_mask, keep_block_mask, kept_blocks
+from flexsample.block_mask import (
+    build_block_mask,
+    keep_block_mask,
+    kept_blocks,
+    with_causal_mask_mod,
+)
 from flexsample.layout import make_layout, use_kernels
 from flexsample.metrics import density, true_cra
 from flexsample.scores import block_scores
@@ -94,11 +99,13 @@ def _stages(q, k, config) -> dict:
     seq_len = q.shape[2]
     if config.estimator == "antidiagonal":
         est = antidiagonal_scores(q, k, config, scale)
-        keep = select_blocks(est, seq_len, config)
+        keep, lists = selected_lists(est, seq_len, config)
         return {
             "scores ms": lambda: antidiagonal_scores(q, k, config, scale),
-            "select ms": lambda: select_blocks(est, seq_len, config),
-            "BlockMask ms": lambda: keep_block_mask(keep, seq_len, config, compute_q_blocks=False),
+            "select ms": lambda: selected_lists(est, seq_len, config),
+            "BlockMask ms": lambda: keep_block_mask(
+                keep, seq_len, config, compute_q_blocks=False, lists=lists
+            ),
         }
     layout = make_layout(config, seq_len, q.device)
     scores, covered = block_scores(q, k, layout, scale)
@@ -114,12 +121,12 @@ def _stages(q, k, config) -> dict:
 def _measure(q, k, v, config, *, with_cra: bool) -> dict[str, float]:
     seq_len = q.shape[2]
     block_mask = sample_block_mask(q, k, config)
+    # As sparse_attention runs it: the same lists under a causal mask_mod on CUDA.
+    run_mask = with_causal_mask_mod(block_mask) if q.is_cuda else block_mask
     row = {
         **{column: time_ms(fn) for column, fn in _stages(q, k, config).items()},
         "mask build ms": time_ms(lambda: sample_block_mask(q, k, config)),
-        "sparse attn ms": time_ms(
-            lambda: attention_with_mask(q, k, v, block_mask, enable_gqa=True)
-        ),
+        "sparse attn ms": time_ms(lambda: attention_with_mask(q, k, v, run_mask, enable_gqa=True)),
         "peak MiB": peak_memory_mib(lambda: sample_block_mask(q, k, config)),
         "density": density(block_mask).mean().item(),
     }
@@ -175,13 +182,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"  ratio {ratio}: build/attn={sweep['build/attn']:.3f} CRA={sweep['CRA mean']:.4f}"
             )
         backends = ["triton", "torch"] if device == "cuda" else ["torch"]
-        for (name, antidiagonal), backend in itertools.product(
+        for (label, antidiagonal), backend in itertools.product(
             antidiagonal_configs(base, args).items(), backends
         ):
             config = dataclasses.replace(antidiagonal, score_backend=backend)
             measured = {
                 "S": seq_len,
-                "config": name,
+                "config": label,
                 "backend": backend,
                 **_measure(x.q, x.k, x.v, config, with_cra=True),
             }
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                 measured["x vs cuDNN"] = row["SDPA cuDNN ms"] / measured["total ms"]
             antidiagonal_rows.append(measured)
             progress(
-                f"  {name} {backend}: "
+                f"  {label} {backend}: "
                 f"scores={measured['scores ms']:.3g} build={measured['mask build ms']:.3g} "
                 f"attn={measured['sparse attn ms']:.3g} density={measured['density']:.3f} "
                 f"CRA={measured['CRA mean']:.4f}"
@@ -212,8 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         "Antidiagonal rows: the base config with estimator='antidiagonal' and the row's stride, "
         "alpha and score_backend (ALGORITHM §9); scores = the strided antidiagonal estimate "
         "(triton: flexsample/kernels/antidiagonal.py, what 'auto' runs on CUDA; torch: the "
-        "chunked PyTorch path), select = the per-query-block shortest prefix, BlockMask = "
-        "keep_block_mask; 'x vs cuDNN' = the S row's SDPA cuDNN time / this row's total.",
+        "chunked PyTorch path), select = the per-query-block shortest prefix and its block "
+        "lists (selected_lists: one launch of flexsample/kernels/select_lists.py on CUDA with "
+        "the triton backend), BlockMask = keep_block_mask on those lists; 'x vs cuDNN' = the S "
+        "row's SDPA cuDNN time / this row's total.",
     ]
     tables = [
         ("Mask build vs attention", MAIN_COLUMNS, main_rows),

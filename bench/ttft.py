@@ -62,6 +62,7 @@ from bench.attention import fixed_density
 from bench.harness import RESULTS, progress, write_results
 from flexsample import SampleConfig, sample_block_mask
 from flexsample.compile import report, reset_report
+from flexsample.flex_backend import resolve_flex_backend
 from flexsample.metrics import density
 
 COLUMNS = [
@@ -76,6 +77,7 @@ COLUMNS = [
     "x vs eager SDPA",
     "x vs fastest dense",
     "share of limit",
+    "flex backend",
     "rewritten",
     "paths",
 ]
@@ -327,6 +329,10 @@ def measure_row(args, setup: Setup, mode: str, fn, config, seq_len: int, graphs:
         row["rewritten"] = report().rewritten
     if config is not None:
         row["paths"] = " ".join(f"{k}={v}" for k, v in sorted(flexsample.path_counts.items()))
+        probe = torch.empty(
+            1, setup.heads, 1, setup.head_dim, device=setup.device, dtype=setup.dtype
+        )
+        row["flex backend"] = resolve_flex_backend(probe, config) if setup.device == "cuda" else ""
         fixed = any(k in mode.split() for k in DENSITIES)
         row["density"] = _measured_density(setup, config, seq_len) if fixed else "adaptive"
     return row
@@ -357,6 +363,8 @@ def derive(rows: list[dict]) -> None:
 # --- profile -----------------------------------------------------------------------------
 
 _COPIES = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy")
+#: CUDA runtime waits the profiler reports as events (a full launch queue): not device work.
+_PROFILER_WAITS = ("Command Buffer Full", "Activity Buffer Request")
 _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 
 
@@ -369,6 +377,8 @@ def part_of(event) -> str:
         ancestors.append(node.name)
         node = node.cpu_parent
     name = event.name
+    if name in _PROFILER_WAITS:
+        return "profiler waits"
     inside = "flexsample::sample_attention" in ancestors or name == "flexsample::sample_attention"
     launched = " ".join([name, *(k.name for k in getattr(event, "kernels", []))]).lower()
     if "flexsample::sample_block_scores" in (name, *ancestors):
@@ -467,6 +477,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             args.lengths = [64, 96]
         args.repeats = min(args.repeats, 1)
         args.compiler = args.compiler or "aot_eager"
+        if args.out == parser.get_default("out"):  # never over the GPU results
+            args.out = RESULTS / "cpu"
     else:
         setup = gpu_setup(args.layers)
     args.compiler = args.compiler or "inductor"

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flexsample.block_mask import keep_lists
 from flexsample.config import SampleConfig
 from flexsample.layout import use_kernels
 from flexsample.selection import shortest_prefix
@@ -26,6 +27,8 @@ from flexsample.selection import shortest_prefix
 #: 256 MiB in bf16 plus 512 MiB of fp32 probabilities; memory O(chunk × S/s), never (S/s)².
 #: Kernels: fp32 log-sum-exps per launch (512 MiB).
 CHUNK_ELEMENTS = 1 << 27
+#: Fixed-point bits of the selection's sums (`estimate_units`).
+UNIT_BITS = 32
 
 
 def strided_order(stride: int, num_strided: int, device: torch.device | str | None = None):
@@ -214,16 +217,57 @@ def select_blocks(
     blocks `first_block`, `first_block + 1`, ... (0: all of them), per query block:
     the diagonal blocks (those meeting the block's rows), the `local_blocks` before them and key
     block 0 (the sink), then the fewest other causal blocks by descending estimate (ties: lower
-    index first) until the kept estimate reaches `alpha` of the row's; alpha = 1 keeps every
-    causal block."""
+    index first) until the kept estimate reaches `alpha` of the row's; alpha = 1 (or a row
+    with no estimate) keeps every causal block. Sums are exact: the estimate is counted in
+    `estimate_units`."""
     causal, forced = _causal_and_forced(
         est.shape[-2], est.shape[-1], seq_len, config, est.device, first_block
     )
-    mass = torch.where(causal, est.double(), 0.0)
-    total = mass.sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    covered = torch.where(forced, mass, 0.0).sum(-1) / total
-    scores = torch.where(forced, 0.0, mass) / total[..., None]
-    return (shortest_prefix(scores, covered, config.alpha) | forced) & causal
+    units = estimate_units(torch.where(causal, est, 0.0))
+    total = units.sum(-1)
+    covered = torch.where(forced, units, 0).sum(-1)
+    bar = torch.where(total > 0, config.alpha * total.double(), math.inf)[..., None]
+    chosen = shortest_prefix(torch.where(forced, 0, units), covered, bar)
+    if config.alpha >= 1.0:
+        chosen = torch.ones_like(chosen)
+    return (chosen | forced) & causal
+
+
+def estimate_units(mass: torch.Tensor) -> torch.Tensor:
+    """Non-negative estimate `[..., n]` -> int64 units of 2^-UNIT_BITS of the row's top power
+    of two (2^e > the row's largest): the selection's sums are then exact integers, the same in
+    every order of addition (the Triton kernel's bisection and this path's sorted cumsum), and
+    blocks below 2^-32 of the row's largest count as nothing."""
+    mass = mass.double()
+    top = mass.amax(-1, keepdim=True)
+    # frexp's exponent from the bits, and 2^(UNIT_BITS - e) built from bits: exact.
+    exp = torch.where(top > 0, (top.view(torch.int64) >> 52 & 0x7FF) - 1022, 0)
+    scale = ((1023 + UNIT_BITS - exp) << 52).view(torch.float64)
+    return (mass * scale).long()
+
+
+def selected_lists(
+    est: torch.Tensor, seq_len: int, config: SampleConfig, first_block: int = 0
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(keep `[B, H, nQ, nKV]` bool, the four BlockMask lists) of `select_blocks`: one Triton
+    launch where `layout.use_kernels` (`kernels/select_lists.py`), else `select_blocks` and
+    `block_mask.keep_lists`."""
+    if use_kernels(config, est.device):
+        from flexsample.kernels.select_lists import MAX_KV_BLOCKS, triton_select_lists
+
+        if est.shape[-1] <= MAX_KV_BLOCKS:
+            return triton_select_lists(
+                est,
+                seq_len,
+                config.q_block,
+                config.kv_block,
+                config.alpha,
+                config.local_blocks,
+                first_block,
+            )
+    keep = select_blocks(est, seq_len, config, first_block)
+    first_row = torch.arange(first_block, first_block + est.shape[-2], device=est.device)
+    return keep, keep_lists(keep, first_row * config.q_block, config.kv_block)
 
 
 def _causal_and_forced(

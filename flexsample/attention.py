@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexsample.antidiagonal import antidiagonal_keep
+from flexsample.antidiagonal import antidiagonal_scores, selected_lists
 from flexsample.block_mask import (
     build_block_mask,
     keep_block_mask,
@@ -149,8 +149,11 @@ def sample_block_mask(
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     with torch.no_grad():
         if config.estimator == "antidiagonal":
-            keep = antidiagonal_keep(q, k, config, resolve_scale(q, scale))
-            return keep_block_mask(keep, q.shape[2], config, compute_q_blocks=needs_grad)
+            est = antidiagonal_scores(q, k, config, resolve_scale(q, scale))
+            keep, lists = selected_lists(est, q.shape[2], config)
+            return keep_block_mask(
+                keep, q.shape[2], config, compute_q_blocks=needs_grad, lists=lists
+            )
         layout = make_layout(config, q.shape[2], q.device)
         tiles = tile_scores(q, k, layout, resolve_scale(q, scale))
         scores, covered = reduce_tiles(*tiles, layout)

@@ -118,37 +118,54 @@ def keep_block_mask(
     *,
     compute_q_blocks: bool = True,
     rows: torch.Tensor | None = None,
+    lists: tuple[torch.Tensor, ...] | None = None,
 ) -> BlockMask:
     """Any causal block keep matrix `[B, H, nQ, nKV]` -> `BlockMask`, on-device with no host
     sync: the antidiagonal estimator's masks and comparison masks (SampleAttention's own masks
     use `build_block_mask`). Blocks ending before the query block's first row are full, the
     rest partial, so with q_block == kv_block the partial blocks are the diagonal ones.
     `rows` `[L]` (int64): the global row of each query row, whose blocks start on block
-    boundaries (a context-parallel shard; Q_LEN = L, KV_LEN = seq_len); None: rows 0..S-1."""
-    num_q, num_kv = keep.shape[-2:]
+    boundaries (a context-parallel shard; Q_LEN = L, KV_LEN = seq_len); None: rows 0..S-1.
+    `lists`: `keep_lists` of `keep`, where the caller has them (the selection kernel)."""
+    num_q = keep.shape[-2]
     if rows is None:
-        first_row = torch.arange(num_q, device=keep.device)[:, None] * config.q_block
         q_len = seq_len
     else:
-        first_row = rows[:: config.q_block][:num_q, None]
         q_len = rows.shape[0]
-    last_key = (torch.arange(num_kv, device=keep.device)[None, :] + 1) * config.kv_block - 1
-    full = keep & (last_key <= first_row)
-    partial = keep & ~full
+    if lists is None:
+        if rows is None:
+            first_row = torch.arange(num_q, device=keep.device) * config.q_block
+        else:
+            first_row = rows[:: config.q_block][:num_q]
+        lists = keep_lists(keep, first_row, config.kv_block)
 
     def kept_causal(b, h, q_idx, kv_idx):
         row = q_idx if rows is None else rows[q_idx]
         return (row >= kv_idx) & keep[b, h, q_idx // config.q_block, kv_idx // config.kv_block]
 
     return BlockMask.from_kv_blocks(
-        partial.sum(-1, dtype=torch.int32),
-        _ascending(partial).to(torch.int32),
-        full.sum(-1, dtype=torch.int32),
-        _ascending(full).to(torch.int32),
+        *lists,
         BLOCK_SIZE=(config.q_block, config.kv_block),
         mask_mod=kept_causal,
         seq_lengths=(q_len, seq_len),
         compute_q_blocks=compute_q_blocks,
+    )
+
+
+def keep_lists(
+    keep: torch.Tensor, first_row: torch.Tensor, kv_block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep matrix `[B, H, nQ, nKV]` and each query block's first row `[nQ]` -> (kv_num
+    `[B, H, nQ]`, kv_idx `[B, H, nQ, nKV]`, full_num, full_idx), int32: a kept block is full if
+    it ends before the query block's first row, else partial; indices ascending, then zeros."""
+    last_key = (torch.arange(keep.shape[-1], device=keep.device) + 1) * kv_block - 1
+    full = keep & (last_key <= first_row[:, None])
+    partial = keep & ~full
+    return (
+        partial.sum(-1, dtype=torch.int32),
+        _ascending(partial).to(torch.int32),
+        full.sum(-1, dtype=torch.int32),
+        _ascending(full).to(torch.int32),
     )
 
 

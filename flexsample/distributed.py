@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample import attention as _attention
-from flexsample.antidiagonal import antidiagonal_scores, select_blocks
+from flexsample.antidiagonal import antidiagonal_scores, selected_lists
 from flexsample.block_mask import _ascending, keep_block_mask, kept_blocks, sampled_causal_mask_mod
 from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
@@ -311,15 +311,22 @@ def _antidiagonal_shard_mask(
     block's estimate and selection need only its own rows and the keys before them, so each
     chunk (rows in place: `q_row0`) is scored against all keys, with no collective."""
     seq_len, scale = k.shape[2], _attention.resolve_scale(q, scale)
-    keeps, rows = [], []
+    keeps, lists, rows = [], [], []
     for offset, (start, end) in zip(shard.local_offsets(), shard.chunks, strict=True):
         first, last = start // config.q_block, -(-end // config.q_block)
         chunk = q[:, :, offset : offset + end - start]
         est = antidiagonal_scores(chunk, k, config, scale, q_blocks=(first, last), q_row0=start)
-        keeps.append(select_blocks(est, seq_len, config, first_block=first))
+        keep, chunk_lists = selected_lists(est, seq_len, config, first_block=first)
+        keeps.append(keep)
+        lists.append(chunk_lists)
         rows.append(torch.arange(start, end, device=q.device))
     return keep_block_mask(
-        torch.cat(keeps, 2), seq_len, config, compute_q_blocks=False, rows=torch.cat(rows)
+        torch.cat(keeps, 2),
+        seq_len,
+        config,
+        compute_q_blocks=False,
+        rows=torch.cat(rows),
+        lists=tuple(torch.cat(parts, 2) for parts in zip(*lists, strict=True)),
     )
 
 

@@ -95,23 +95,29 @@ def reference_select(
     stripes = torch.zeros_like(scores, dtype=torch.bool)
     for b in range(batch):
         for h in range(heads):
-            stripes[b, h] = _prefix(scores[b, h], covered[b, h].item(), config.alpha, cap)
+            stripes[b, h] = _prefix(scores[b, h], covered[b, h].item(), _bar(config.alpha), cap)
             if config.tile_alpha is None:
                 continue
             mass, window, rows = tiles
             for t in range(len(rows)):
                 share = mass[b, h, t] / rows[t]
                 kept = (window[b, h, t] / rows[t]).item()
-                stripes[b, h] |= _prefix(share, kept, config.tile_alpha, num_blocks)
+                stripes[b, h] |= _prefix(share, kept, _bar(config.tile_alpha), num_blocks)
     return stripes
 
 
-def _prefix(scores: torch.Tensor, kept: float, alpha: float, cap: int) -> torch.Tensor:
-    """One head: the blocks of the shortest descending-score prefix reaching alpha."""
+def _bar(alpha: float) -> float:
+    """The running sum that ends a prefix of shares: alpha, or never (alpha >= 1 keeps all)."""
+    return alpha if alpha < 1.0 else math.inf
+
+
+def _prefix(scores: torch.Tensor, kept: float, bar: float, cap: int) -> torch.Tensor:
+    """One head: the blocks of the shortest descending-score prefix whose sum, from `kept`,
+    reaches `bar`."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j].item(), j))
     chosen = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
     for rank, j in enumerate(order):
-        if rank >= cap or (alpha < 1.0 and kept >= alpha):
+        if rank >= cap or kept >= bar:
             break
         chosen[j] = True
         kept += scores[j].item()
@@ -193,7 +199,9 @@ def reference_antidiagonal_select(
 
     Query block qb keeps key block 0, the blocks from `first(qb) // kv_block - local_blocks`
     to the last causal one, then other causal blocks by descending estimate (ties: lower index
-    first) until the kept estimate reaches `alpha` of the row's causal total.
+    first) until the kept estimate reaches `alpha` of the row's causal total; alpha = 1 or a
+    row with no estimate keeps every causal block. Each estimate counts in whole units of
+    2^-32 of 2^e, the row's largest being below 2^e (`math.frexp`), truncated: integer sums.
     """
     batch, heads, num_q, num_kv = est.shape
     keep = torch.zeros_like(est, dtype=torch.bool)
@@ -207,12 +215,15 @@ def reference_antidiagonal_select(
         forced &= causal
         for b in range(batch):
             for h in range(heads):
-                row = est[b, h, qb].double()
-                total = row[causal].sum().clamp_min(torch.finfo(torch.float64).tiny)
-                kept = (row[forced].sum() / total).item()
-                others = torch.where(forced | ~causal, 0.0, row) / total
-                chosen = _prefix(others, kept, config.alpha, num_kv)
-                keep[b, h, qb] = (chosen | forced) & causal
+                row = torch.where(causal, est[b, h, qb].double(), 0.0).tolist()
+                exp = math.frexp(max(row))[1] if max(row) > 0 else 0
+                units = [int(math.ldexp(x, 32 - exp)) for x in row]
+                total = sum(units)
+                kept = sum(u for u, f in zip(units, forced.tolist(), strict=True) if f)
+                bar = config.alpha * total if config.alpha < 1.0 and total > 0 else math.inf
+                others = [0 if f else u for u, f in zip(units, forced.tolist(), strict=True)]
+                chosen = _prefix(torch.tensor(others), kept, bar, num_kv)
+                keep[b, h, qb] = (chosen.to(est.device) | forced) & causal
     return keep
 
 

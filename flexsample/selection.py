@@ -40,16 +40,23 @@ def select_stripes(
 
 
 def shortest_prefix(
-    scores: torch.Tensor, covered: torch.Tensor, alpha: float, cap: int | None = None
+    scores: torch.Tensor,
+    covered: torch.Tensor,
+    alpha: float | torch.Tensor,
+    cap: int | None = None,
 ) -> torch.Tensor:
     """Blocks `[..., nKV]` of the shortest descending-score prefix with covered + kept >= alpha,
-    at most `cap` of them."""
+    at most `cap` of them. Float scores: shares of the row, alpha a float (>= 1 keeps all).
+    Integer scores (exact units, `antidiagonal.estimate_units`): alpha is the bar `[..., 1]`
+    (float64) that the int64 running sum must reach."""
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    # float64 running sum, covered first: the reference's exact sequence of additions, so
-    # decisions at the alpha boundary match it.
-    running = torch.cat([covered[..., None], sorted_scores[..., :-1]], -1).double()
+    running = torch.cat([covered[..., None], sorted_scores[..., :-1]], -1)
+    # Floats: a float64 running sum, covered first: the reference's exact sequence of
+    # additions, so decisions at the alpha boundary match it. Integers: exact in any order.
+    if running.is_floating_point():
+        running = running.double()
     keep_sorted = torch.cumsum(running, -1) < alpha  # mass kept before each block
-    if alpha >= 1.0:
+    if not isinstance(alpha, torch.Tensor) and alpha >= 1.0:
         keep_sorted = torch.ones_like(keep_sorted)
     if cap is not None:
         keep_sorted &= torch.arange(scores.shape[-1], device=scores.device) < cap

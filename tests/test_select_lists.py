@@ -1,0 +1,159 @@
+"""The selection kernel (`kernels/select_lists.py`) vs its spec, `select_blocks` + `keep_lists`,
+bit for bit: the interpreter on CPU, real sizes on the GPU; and both against the reference."""
+
+from unittest import mock
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flexsample import SampleConfig
+from flexsample.antidiagonal import select_blocks, selected_lists
+from flexsample.block_mask import keep_lists
+from flexsample.kernels import select_lists as kernels
+from flexsample.kernels.select_lists import triton_select_lists
+from flexsample.reference import reference_antidiagonal_select
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LIST_NAMES = ("kv_num", "kv_idx", "full_num", "full_idx")
+
+
+@st.composite
+def estimates(draw):
+    """(est `[B, H, nQ, nKV]` float32 of query blocks first.., seq_len, config, first): smooth
+    values, heavy-tailed ones, few distinct levels (ties), all-zero and tiny rows."""
+    q_block = draw(st.sampled_from([16, 32, 64, 128]))
+    kv_block = draw(st.sampled_from([16, 32, 64, 128]))
+    seq_len = draw(st.integers(1, 1500))
+    num_q, num_kv = -(-seq_len // q_block), -(-seq_len // kv_block)
+    first = draw(st.integers(0, num_q - 1))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), num_q - first, num_kv)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["uniform", "heavy", "levels", "tiny"]))
+    if kind == "uniform":
+        est = torch.rand(shape, generator=gen)
+    elif kind == "heavy":
+        est = torch.randn(shape, generator=gen).mul(4).exp()
+    elif kind == "levels":  # exact ties, and whole rows of zeros
+        est = torch.randint(0, 4, shape, generator=gen).float() / 8
+    else:
+        est = torch.rand(shape, generator=gen) * 1e-38
+    config = SampleConfig(
+        estimator="antidiagonal",
+        q_block=q_block,
+        kv_block=kv_block,
+        alpha=draw(st.sampled_from([0.3, 0.8, 0.9, 0.95, 1.0])),
+        local_blocks=draw(st.integers(0, 2)),
+    )
+    return est, seq_len, config, first
+
+
+def _torch_lists(est, seq_len, config, first):
+    keep = select_blocks(est, seq_len, config, first)
+    rows = torch.arange(first, first + est.shape[-2]) * config.q_block
+    return keep, keep_lists(keep, rows.to(est.device), config.kv_block)
+
+
+def _kernel_lists(est, seq_len, config, first):
+    return triton_select_lists(
+        est, seq_len, config.q_block, config.kv_block, config.alpha, config.local_blocks, first
+    )
+
+
+def _assert_equal(got, want):
+    assert torch.equal(got[0], want[0]), "keep"
+    for name, g, w in zip(LIST_NAMES, got[1], want[1], strict=True):
+        assert g.dtype == w.dtype == torch.int32, name
+        assert torch.equal(g, w), name
+
+
+@given(estimates())
+def test_kernel_equals_the_pytorch_path(case):
+    est, seq_len, config, first = case
+    est = est.to(DEVICE)
+    _assert_equal(
+        _kernel_lists(est, seq_len, config, first), _torch_lists(est, seq_len, config, first)
+    )
+
+
+@given(estimates())
+def test_pytorch_path_equals_the_reference(case):
+    est, seq_len, config, first = case
+    if first:  # the reference selects whole masks, from query block 0
+        est, first = torch.cat([torch.rand(*est.shape[:2], first, est.shape[-1]), est], 2), 0
+    want = reference_antidiagonal_select(est, seq_len, config)
+    assert torch.equal(select_blocks(est, seq_len, config), want)
+
+
+def test_selected_lists_takes_the_kernel_where_use_kernels():
+    est = torch.rand(1, 2, 8, 8, device=DEVICE)
+    for backend, calls in (("torch", 0), ("triton", 1)):
+        config = SampleConfig(
+            estimator="antidiagonal", q_block=16, kv_block=16, score_backend=backend
+        )
+        with mock.patch.object(kernels, "triton_select_lists", wraps=triton_select_lists) as spy:
+            selected_lists(est, 128, config)
+        assert spy.call_count == calls, backend
+
+
+@triton.jit
+def _cut_without_tie_order(units, other, covered, bar):
+    """Planted bug: the bisection's cut, but every block at the tie value is kept."""
+    lo = tl.full([], 1, tl.int64)
+    hi = tl.full([], kernels.UNIT_END, tl.int64)
+    for _ in range(kernels.STEPS):
+        mid = (lo + hi) // 2
+        above = covered + tl.sum(tl.where(other & (units >= mid), units, 0), 0)
+        fits = above.to(tl.float64) < bar
+        hi = tl.where(fits, mid, hi)
+        lo = tl.where(fits, lo, mid + 1)
+    return other & (units >= hi - 1)
+
+
+def test_planted_tie_bug_fails_the_check():
+    est = torch.full((1, 1, 8, 8), 0.25, device=DEVICE)  # every block ties
+    config = SampleConfig(
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
+    )
+    want = _torch_lists(est, 128, config, 0)
+    _assert_equal(_kernel_lists(est, 128, config, 0), want)
+    with mock.patch.object(kernels, "_cut", _cut_without_tie_order):
+        with pytest.raises(AssertionError, match="keep"):
+            _assert_equal(_kernel_lists(est, 128, config, 0), want)
+
+
+def test_alpha_reaches_the_kernel_in_float64():
+    """Query block 2 keeps block 1 only if the forced mass R = 2^31 + 2^28 - 512 units is below
+    0.9 * (R + 2^28): true for alpha = 0.9 in float64, false for float32's 0.89999998."""
+    est = torch.zeros(1, 1, 3, 3)
+    est[0, 0, 2] = torch.tensor([0.5, 0.0625, (2**28 - 512) / 2**32])
+    est[0, 0, :2, :2] = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    config = SampleConfig(
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.9
+    )
+    got = _kernel_lists(est.to(DEVICE), 48, config, 0)
+    assert got[0][0, 0, 2].tolist() == [True, True, True]
+    _assert_equal(got, _torch_lists(est.to(DEVICE), 48, config, 0))
+
+
+def test_more_key_blocks_than_the_kernel_holds_is_a_clear_error():
+    est = torch.zeros(1, 1, 1, kernels.MAX_KV_BLOCKS + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 8192"):
+        _kernel_lists(est, 128 * est.shape[-1], SampleConfig(estimator="antidiagonal"), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [32768 - 77, 131072, 1048576])
+def test_gpu_kernel_equals_the_pytorch_path_at_real_sizes(seq_len):
+    """Hq 32 (8 at 1M), a softmax-shaped estimate: the rows sum to their strided rows."""
+    config = SampleConfig()
+    heads = 32 if seq_len <= 131072 else 8
+    num_q = num_kv = -(-seq_len // 128)
+    gen = torch.Generator(device="cuda").manual_seed(seq_len)
+    logits = torch.randn(1, heads, num_q, num_kv, device="cuda", generator=gen) * 3
+    causal = torch.arange(num_kv, device="cuda") <= torch.arange(num_q, device="cuda")[:, None]
+    est = logits.masked_fill(~causal, float("-inf")).softmax(-1) * (128 // config.stride)
+    _assert_equal(_kernel_lists(est, seq_len, config, 0), _torch_lists(est, seq_len, config, 0))
