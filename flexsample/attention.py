@@ -7,7 +7,6 @@ SDPA; the choice is logged at debug level on the "flexsample" logger and counted
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,7 +22,7 @@ from flexsample.block_mask import (
 )
 from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
-from flexsample.flex_backend import kernel_options
+from flexsample.flex_backend import kernel_options, run_compiled_flex
 from flexsample.layout import make_layout
 from flexsample.paths import SPARSE_DTYPES, dense_reason, record
 from flexsample.scores import reduce_tiles, tile_rows, tile_scores
@@ -187,20 +186,7 @@ def attention_with_mask(
     }
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
-    backend = (kernel_options or {}).get("BACKEND", "TRITON")
-    return _compiled_flex(backend)(q, k, v, **kwargs)
-
-
-@functools.cache
-def _compiled_flex(backend: str):
-    # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
-    # compiled function per backend: recompiling one function between the Triton and FLASH
-    # backends hit a Dynamo error in torch 2.11 (guard-failure reporting, H100). Triton:
-    # dynamic from the first call, so that one compile serves every length. FLASH cannot take
-    # symbolic lengths (torch 2.11 raises "NYI: score_mod or mask_mod captures a dynamic
-    # scalar" even for a mask_mod that captures nothing: the sequence lengths reach it), so it
-    # compiles once per length.
-    return torch.compile(flex_attention, dynamic=False if backend == "FLASH" else True)
+    return run_compiled_flex(q, k, v, **kwargs)
 
 
 def cpu_block_sparse_attention(

@@ -24,6 +24,9 @@ flash-attn-4 4.0.0b36 `flash_attn/cute/interface.py`, `block_sparsity.py`):
 - Gradients: auto keeps Triton when q/k/v need grad (FLASH's backward with block masks is
   newer than its forward and untested here); forcing "flash" tries it.
 GQA needs nothing: FA4 takes Hq % Hkv == 0 and reads a per-query-head block mask.
+
+`run_compiled_flex` runs the choice: one compiled function per backend, each with its own
+recompile budget, and never dynamo's eager fallback.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import functools
 import importlib
 import os
 import site
+import warnings
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, noop_mask
+from torch._dynamo.exc import FailOnRecompileLimitHit
+from torch.nn.attention.flex_attention import BlockMask, flex_attention, noop_mask
 
 from flexsample.config import SampleConfig
 
@@ -184,3 +189,71 @@ def kernel_options(
         return None
     m, n = min(q_block, 64), min(kv_block, 64)
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_M1": m, "BLOCK_N1": n, "BLOCK_M2": m, "BLOCK_N2": n}
+
+
+#: Compiles allowed per compiled flex function (dynamo's recompile limit, 8 by default). Each
+#: new dtype, head dim, GQA ratio, mask_mod function or kernel_options compiles again, and so
+#: does each new length on FLASH. Past the limit dynamo would silently run flex_attention
+#: eagerly, whose unfused path materialises S x S scores (out of memory at long S) and, for a
+#: no-op mask_mod, ignores the block lists (a dense answer for a sparse mask; the likely cause
+#: of a GPU test that failed only after the rest of the GPU suite). `run_compiled_flex` never
+#: lets it.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Compiled `flex_attention(q, k, v, **kwargs)` on the backend `kwargs["kernel_options"]`
+    names (Triton if none): `[B, Hq, S, Dv]`. Past `FLEX_RECOMPILE_LIMIT` compiles, FLASH
+    (one compile per length) hands further new lengths to Triton (one compile for all,
+    warned once); Triton raises a RuntimeError naming the limit."""
+    options = kwargs.get("kernel_options") or {}
+    backend = options.get("BACKEND", "TRITON")
+    try:
+        with torch._dynamo.config.patch(
+            recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+        ):
+            return _compiled_flex(backend)(q, k, v, **kwargs)
+    except FailOnRecompileLimitHit as error:
+        if backend == "FLASH":
+            _warn_flash_budget_spent()
+            return run_compiled_flex(q, k, v, **{**kwargs, "kernel_options": None})
+        raise RuntimeError(
+            f"compiled flex_attention ({backend}) has compiled {FLEX_RECOMPILE_LIMIT} times in "
+            "this process (each new dtype, head dim, mask_mod function or kernel_options "
+            "compiles again); flexsample does not fall back to eager flex_attention, which "
+            "materialises S x S scores. Raise flexsample.flex_backend.FLEX_RECOMPILE_LIMIT or "
+            "call torch._dynamo.reset()"
+        ) from error
+
+
+@functools.cache
+def _warn_flash_budget_spent() -> None:
+    warnings.warn(
+        f"flexsample: FLASH flex_attention has compiled for {FLEX_RECOMPILE_LIMIT} lengths "
+        "(it compiles once per length); new lengths run on flex's Triton kernel",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _flex_triton(q, k, v, **kwargs):
+    return flex_attention(q, k, v, **kwargs)
+
+
+def _flex_flash(q, k, v, **kwargs):
+    return flex_attention(q, k, v, **kwargs)
+
+
+@functools.cache
+def _compiled_flex(backend: str):
+    # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
+    # compiled function per backend, each its own code object, since dynamo keeps its compiles
+    # (and counts them against the limit) per code object: FLASH's per-length compiles do not
+    # use up Triton's. (Recompiling one function between the two backends also hit a Dynamo
+    # error in torch 2.11: guard-failure reporting, H100.) Triton: dynamic from the first call,
+    # so that one compile serves every length. FLASH cannot take symbolic lengths (torch 2.11
+    # raises "NYI: score_mod or mask_mod captures a dynamic scalar" even for a mask_mod that
+    # captures nothing: the sequence lengths reach it), so it compiles once per length.
+    if backend == "FLASH":
+        return torch.compile(_flex_flash, dynamic=False)
+    return torch.compile(_flex_triton, dynamic=True)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import flexsample.attention
 import flexsample.flex_backend as fb
@@ -334,6 +334,46 @@ def test_flash_noop_mask_mod_bug_matches_the_version_gate():
     assert sparse_answer == (fb._torch_version() >= (2, 14)), (torch.__version__, sparse_answer)
 
 
+def _distinct_causal_mask_mods(count: int) -> list:
+    """Causal mask_mods with distinct code objects: each compiles flex_attention again."""
+    mods = []
+    for i in range(count):
+        namespace: dict = {}
+        exec(f"def causal_{i}(b, h, q_idx, kv_idx):\n    return q_idx >= kv_idx", namespace)
+        mods.append(namespace[f"causal_{i}"])
+    return mods
+
+
+def test_compiled_flex_never_falls_back_to_eager_past_its_recompile_limit(monkeypatch):
+    """Past FLEX_RECOMPILE_LIMIT compiles, FLASH hands new masks to Triton (one warning) and
+    Triton raises a clear error; dynamo never runs flex_attention eagerly (its S x S path).
+    Dynamo's "eager" backend stands in for inductor on CPU; answers equal causal SDPA."""
+    monkeypatch.setattr(fb, "FLEX_RECOMPILE_LIMIT", 2)
+
+    def flash(q, k, v, **kwargs):  # FLASH's own code object, run by CPU flex
+        return fb._flex_flash(q, k, v, **{**kwargs, "kernel_options": None})
+
+    compiled = {
+        "FLASH": torch.compile(flash, backend="eager", dynamic=False),
+        "TRITON": torch.compile(fb._flex_triton, backend="eager", dynamic=True),
+    }
+    monkeypatch.setattr(fb, "_compiled_flex", compiled.__getitem__)
+    fb._warn_flash_budget_spent.cache_clear()
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 128, 16) for _ in "qkv")
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    masks = [
+        create_block_mask(mod, None, None, 128, 128, device="cpu")
+        for mod in _distinct_causal_mask_mods(4)
+    ]
+    with pytest.warns(RuntimeWarning, match="new lengths run on flex's Triton kernel"):
+        for mask in masks:
+            out = fb.run_compiled_flex(q, k, v, block_mask=mask, kernel_options=FLASH)
+            torch.testing.assert_close(out, want)
+    with pytest.raises(RuntimeError, match="compiled 2 times in this process"):
+        fb.run_compiled_flex(q, k, v, block_mask=masks[0], kernel_options=None)
+
+
 def test_auto_keeps_triton_in_traced_code(hopper, monkeypatch):
     """Inside a user's torch.compile the probe would break the graph: auto keeps Triton."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -355,7 +395,7 @@ def test_one_compiled_flex_serves_every_length_and_caller(backend):
     config = config_to_str(SampleConfig(min_seq_len=0, flex_backend=backend))
     op = torch.ops.flexsample.sample_attention
     torch._dynamo.reset()
-    flexsample.attention._compiled_flex.cache_clear()
+    fb._compiled_flex.cache_clear()
 
     def graph(q, k, v):
         return op(q, k, v, None, None, True, config, "test") + 0
