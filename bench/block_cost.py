@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         "density = kept blocks / causal blocks (the diagonal counted whole, as flexsample's"
         " density does); efficiency vs cuDNN = density x SDPA cuDNN dense causal ms / ms.",
         "mask_mod 'sampled': keep_block_mask's, which reads the keep matrix (what"
-        " sample_block_mask returns and bench.attention times); 'causal': with_causal_mask_mod,"
+        " sample_block_mask returns); 'causal': with_causal_mask_mod,"
         " the same lists under q >= kv (what sparse_attention runs). Fused kernels evaluate the"
         " mask_mod on partial blocks only.",
         "Fit: ms = (query-block rows x heads) x 'us per row' + kept blocks x 'us per block',"

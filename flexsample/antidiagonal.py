@@ -223,22 +223,24 @@ def select_blocks(
     causal, forced = _causal_and_forced(
         est.shape[-2], est.shape[-1], seq_len, config, est.device, first_block
     )
+    if config.alpha >= 1.0:
+        return causal.expand(est.shape).clone()
     units = estimate_units(torch.where(causal, est, 0.0))
     total = units.sum(-1)
     covered = torch.where(forced, units, 0).sum(-1)
     bar = torch.where(total > 0, config.alpha * total.double(), math.inf)[..., None]
     chosen = shortest_prefix(torch.where(forced, 0, units), covered, bar)
-    if config.alpha >= 1.0:
-        chosen = torch.ones_like(chosen)
     return (chosen | forced) & causal
 
 
 def estimate_units(mass: torch.Tensor) -> torch.Tensor:
-    """Non-negative estimate `[..., n]` -> int64 units of 2^-UNIT_BITS of the row's top power
-    of two (2^e > the row's largest): the selection's sums are then exact integers, the same in
+    """Non-negative estimate `[..., n]`, taken as float32 (what `antidiagonal_scores` returns;
+    the kernel reads float32) -> int64 units of 2^-UNIT_BITS of the row's top power of two
+    (2^e in (largest, 2 * largest]): the selection's sums are then exact integers, the same in
     every order of addition (the Triton kernel's bisection and this path's sorted cumsum), and
-    blocks below 2^-32 of the row's largest count as nothing."""
-    mass = mass.double()
+    blocks below 2^-31 of the row's largest may count as nothing. Every float32 is a normal
+    float64, so the exponent bits and the power-of-two scale below are exact."""
+    mass = mass.float().double()
     top = mass.amax(-1, keepdim=True)
     # frexp's exponent from the bits, and 2^(UNIT_BITS - e) built from bits: exact.
     exp = torch.where(top > 0, (top.view(torch.int64) >> 52 & 0x7FF) - 1022, 0)
@@ -286,11 +288,3 @@ def _causal_and_forced(
     causal = block <= last // config.kv_block
     local = block >= first // config.kv_block - config.local_blocks
     return causal, causal & (local | (block == 0))
-
-
-def antidiagonal_keep(
-    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float
-) -> torch.Tensor:
-    """The antidiagonal mask's kept blocks `[B, Hq, nQ, nKV]` for q `[B, Hq, S, D]`,
-    k `[B, Hkv, S, D]`: `select_blocks` of `antidiagonal_scores`."""
-    return select_blocks(antidiagonal_scores(q, k, config, scale), q.shape[2], config)

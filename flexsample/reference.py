@@ -200,8 +200,9 @@ def reference_antidiagonal_select(
     Query block qb keeps key block 0, the blocks from `first(qb) // kv_block - local_blocks`
     to the last causal one, then other causal blocks by descending estimate (ties: lower index
     first) until the kept estimate reaches `alpha` of the row's causal total; alpha = 1 or a
-    row with no estimate keeps every causal block. Each estimate counts in whole units of
-    2^-32 of 2^e, the row's largest being below 2^e (`math.frexp`), truncated: integer sums.
+    row with no estimate keeps every causal block. Each estimate (as float32) counts in whole
+    units of 2^-32 of 2^e, the row's largest being below 2^e (`math.frexp`), truncated:
+    integer sums.
     """
     batch, heads, num_q, num_kv = est.shape
     keep = torch.zeros_like(est, dtype=torch.bool)
@@ -215,7 +216,7 @@ def reference_antidiagonal_select(
         forced &= causal
         for b in range(batch):
             for h in range(heads):
-                row = torch.where(causal, est[b, h, qb].double(), 0.0).tolist()
+                row = torch.where(causal, est[b, h, qb].float().double(), 0.0).tolist()
                 exp = math.frexp(max(row))[1] if max(row) > 0 else 0
                 units = [int(math.ldexp(x, 32 - exp)) for x in row]
                 total = sum(units)

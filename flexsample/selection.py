@@ -49,6 +49,8 @@ def shortest_prefix(
     at most `cap` of them. Float scores: shares of the row, alpha a float (>= 1 keeps all).
     Integer scores (exact units, `antidiagonal.estimate_units`): alpha is the bar `[..., 1]`
     (float64) that the int64 running sum must reach."""
+    if not scores.is_floating_point() and not isinstance(alpha, torch.Tensor):
+        raise TypeError("integer scores are units: pass the bar alpha * total as a tensor")
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     running = torch.cat([covered[..., None], sorted_scores[..., :-1]], -1)
     # Floats: a float64 running sum, covered first: the reference's exact sequence of

@@ -32,20 +32,22 @@ def estimates(draw):
     first = draw(st.integers(0, num_q - 1))
     shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), num_q - first, num_kv)
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    kind = draw(st.sampled_from(["uniform", "heavy", "levels", "tiny"]))
+    kind = draw(st.sampled_from(["uniform", "heavy", "levels", "zero rows", "tiny"]))
     if kind == "uniform":
         est = torch.rand(shape, generator=gen)
     elif kind == "heavy":
         est = torch.randn(shape, generator=gen).mul(4).exp()
-    elif kind == "levels":  # exact ties, and whole rows of zeros
-        est = torch.randint(0, 4, shape, generator=gen).float() / 8
+    elif kind in ("levels", "zero rows"):  # exact ties; with alpha 0.5 / 0.75, sums that hit
+        est = torch.randint(0, 4, shape, generator=gen).float() / 8  # the bar exactly
+        if kind == "zero rows":
+            est *= torch.rand(*shape[:-1], 1, generator=gen) < 0.5
     else:
         est = torch.rand(shape, generator=gen) * 1e-38
     config = SampleConfig(
         estimator="antidiagonal",
         q_block=q_block,
         kv_block=kv_block,
-        alpha=draw(st.sampled_from([0.3, 0.8, 0.9, 0.95, 1.0])),
+        alpha=draw(st.sampled_from([0.3, 0.5, 0.75, 0.8, 0.9, 0.95, 1.0])),
         local_blocks=draw(st.integers(0, 2)),
     )
     return est, seq_len, config, first
@@ -81,11 +83,13 @@ def test_kernel_equals_the_pytorch_path(case):
 
 @given(estimates())
 def test_pytorch_path_equals_the_reference(case):
+    """Query blocks `first`.. selected alone equal the reference's rows of the whole mask
+    (it selects from query block 0; the blocks before `first` get other rows)."""
     est, seq_len, config, first = case
-    if first:  # the reference selects whole masks, from query block 0
-        est, first = torch.cat([torch.rand(*est.shape[:2], first, est.shape[-1]), est], 2), 0
-    want = reference_antidiagonal_select(est, seq_len, config)
-    assert torch.equal(select_blocks(est, seq_len, config), want)
+    gen = torch.Generator().manual_seed(first)
+    before = torch.rand(*est.shape[:2], first, est.shape[-1], generator=gen)
+    want = reference_antidiagonal_select(torch.cat([before, est], 2), seq_len, config)
+    assert torch.equal(select_blocks(est, seq_len, config, first), want[:, :, first:])
 
 
 def test_selected_lists_takes_the_kernel_where_use_kernels():
@@ -113,6 +117,7 @@ def _cut_without_tie_order(units, other, covered, bar):
     return other & (units >= hi - 1)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches a kernel helper: interpreter only")
 def test_planted_tie_bug_fails_the_check():
     est = torch.full((1, 1, 8, 8), 0.25, device=DEVICE)  # every block ties
     config = SampleConfig(
@@ -137,6 +142,33 @@ def test_alpha_reaches_the_kernel_in_float64():
     got = _kernel_lists(est.to(DEVICE), 48, config, 0)
     assert got[0][0, 0, 2].tolist() == [True, True, True]
     _assert_equal(got, _torch_lists(est.to(DEVICE), 48, config, 0))
+
+
+def test_blocks_near_the_row_top_stay_inside_the_unit_range():
+    """Units of a row's top blocks are just under 2^32: one of 0.375 and 0.25 reaches alpha 0.5
+    (an exponent off by one would put both above the bisection's range and keep both)."""
+    est = torch.zeros(1, 1, 4, 4)
+    est[0, 0, 3] = torch.tensor([0.0, 0.375, 0.25, 0.0])
+    config = SampleConfig(
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
+    )
+    got = _kernel_lists(est.to(DEVICE), 64, config, 0)
+    assert got[0][0, 0, 3].tolist() == [True, True, False, True]
+    _assert_equal(got, _torch_lists(est.to(DEVICE), 64, config, 0))
+
+
+def test_a_block_whose_running_sum_meets_the_bar_exactly_is_not_kept():
+    """Two tied blocks of 0.25, alpha 0.5: the second starts at exactly the bar (0.25 of the
+    row's 0.5), and the prefix stops before the bar is reached, not after."""
+    est = torch.zeros(1, 1, 4, 4)
+    est[0, 0, 3] = torch.tensor([0.0, 0.25, 0.25, 0.0])
+    config = SampleConfig(
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
+    )
+    got = _kernel_lists(est.to(DEVICE), 64, config, 0)
+    assert got[0][0, 0, 3].tolist() == [True, True, False, True]
+    _assert_equal(got, _torch_lists(est.to(DEVICE), 64, config, 0))
+    assert torch.equal(reference_antidiagonal_select(est, 64, config), got[0].cpu())
 
 
 def test_more_key_blocks_than_the_kernel_holds_is_a_clear_error():

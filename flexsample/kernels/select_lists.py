@@ -2,14 +2,15 @@
 lists of a causal `BlockMask`, one launch (ALGORITHM §9, selection).
 
 `antidiagonal.select_blocks` followed by `block_mask.keep_lists` is the spec (same outputs, bit
-for bit). Those are ~30 eager ops over `[B, H, nQ, nKV]` (a float64 copy, a stable sort with
-int64 indices, cumsums, scatters), 6.8 ms of the 27 ms mask build at 128K on the H100
-(`bench/results/mask_build.md`, 2026-11-26). Here one program owns one (batch, head, query
-block) row held in registers. The selection is exact integer arithmetic (§9: the estimate in
-units of 2^-32 of the row's top power of two), so no sort is needed: a bisection over the
-unit value finds the cut `v0` of the descending prefix (every block of `v0` units or more is
-kept, and blocks of `v0 - 1` units are kept by index while the running sum stays below the
-bar), and the result equals the sorted prefix whatever the order of the additions.
+for bit). Those are ~30 eager ops over `[B, H, nQ, nKV]` (a stable sort with int64 indices,
+cumsums, scatters); before this kernel they took 4.2 ms (selection) + 2.6 ms (lists) of the
+27.1 ms mask build at 128K on the H100 (2026-11-26; ALGORITHM §9). Here one program owns one
+(batch, head, query block) row held in registers. The selection is exact integer arithmetic
+(§9: the estimate in units of 2^-32 of the row's top power of two), so no sort is needed: a
+bisection over the unit value finds the cut `v0` of the descending prefix (every block of `v0`
+units or more is kept, and blocks of `v0 - 1` units are kept by index while the running sum
+stays below the bar), and the result equals the sorted prefix whatever the order of the
+additions.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from flexsample.antidiagonal import UNIT_BITS as _UNIT_BITS
 #: kv_block 128. Longer rows take the PyTorch path.
 MAX_KV_BLOCKS = 8192
 UNIT_BITS = tl.constexpr(_UNIT_BITS)
-#: The bisection's range [1, 2^UNIT_BITS] and its steps.
+#: The bisection's range [1, 2^UNIT_BITS] and its steps (each halves it).
 UNIT_END = tl.constexpr(1 << _UNIT_BITS)
-STEPS = tl.constexpr(_UNIT_BITS + 1)
+STEPS = tl.constexpr(_UNIT_BITS)
 
 
 @triton.jit
