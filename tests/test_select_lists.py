@@ -144,24 +144,21 @@ def test_alpha_reaches_the_kernel_in_float64():
     _assert_equal(got, _torch_lists(est.to(DEVICE), 48, config, 0))
 
 
-def test_blocks_near_the_row_top_stay_inside_the_unit_range():
-    """Units of a row's top blocks are just under 2^32: one of 0.375 and 0.25 reaches alpha 0.5
-    (an exponent off by one would put both above the bisection's range and keep both)."""
+@pytest.mark.parametrize(
+    "row",
+    [[0.0, 0.375, 0.25, 0.0], [0.0, 0.25, 0.25, 0.0]],
+    ids=[
+        # Units of a row's top blocks sit just under 2^32: an exponent off by one would put
+        # both blocks above the bisection's range and keep both.
+        "top of the unit range",
+        # The second tied block starts at exactly the bar (0.25 of the row's 0.5): the prefix
+        # stops before the bar is reached, not after.
+        "running sum meets the bar exactly",
+    ],
+)
+def test_pinned_rows_at_alpha_one_half_keep_one_block(row):
     est = torch.zeros(1, 1, 4, 4)
-    est[0, 0, 3] = torch.tensor([0.0, 0.375, 0.25, 0.0])
-    config = SampleConfig(
-        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
-    )
-    got = _kernel_lists(est.to(DEVICE), 64, config, 0)
-    assert got[0][0, 0, 3].tolist() == [True, True, False, True]
-    _assert_equal(got, _torch_lists(est.to(DEVICE), 64, config, 0))
-
-
-def test_a_block_whose_running_sum_meets_the_bar_exactly_is_not_kept():
-    """Two tied blocks of 0.25, alpha 0.5: the second starts at exactly the bar (0.25 of the
-    row's 0.5), and the prefix stops before the bar is reached, not after."""
-    est = torch.zeros(1, 1, 4, 4)
-    est[0, 0, 3] = torch.tensor([0.0, 0.25, 0.25, 0.0])
+    est[0, 0, 3] = torch.tensor(row)
     config = SampleConfig(
         estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
     )
