@@ -127,10 +127,11 @@ def register_switch() -> str:
 
 
 def eval_documents(
-    model_dir: pathlib.Path, tokenizer, length: int, count: int, tiny: bool = False
+    model_dir: pathlib.Path, tokenizer, length: int | None, count: int | None, tiny: bool = False
 ) -> tuple[list[np.ndarray], list[str], dict]:
     """The first `count` held-out documents (in hash order, as the corpus caps them) with at
     least `length` tokens, cut to `length`: (ids, names, corpus record of this machine).
+    None: every document, whole (the TTFT benchmark joins them into long prompts).
     The corpus caps come from the checkpoint's corpus.json, so the eval split is the one the
     model was trained without."""
     saved = model_dir / "corpus.json"
@@ -152,7 +153,7 @@ def eval_documents(
     )
     ids = train_realtext.encode(tokenizer, corpus.texts("eval"))
     order = sorted(range(len(ids)), key=lambda i: _hash(corpus.eval[i].name))
-    chosen = [i for i in order if len(ids[i]) >= length][:count]
+    chosen = [i for i in order if len(ids[i]) >= (length or 0)][:count]
     if not chosen:
         raise ValueError(f"no held-out document has {length} tokens")
     record["eval_lengths_tokens"] = sorted(int(len(x)) for x in ids)

@@ -37,6 +37,12 @@ matmuls, the rest). Prefill only (use_cache=False), last-token logits (logits_to
 Results are rewritten after every row; `--append` keeps the rows of an earlier run of the
 same `--name` in `--out` that this run does not measure (several commands, one table).
 
+`--model DIR` times a trained checkpoint instead (`bench.train_realtext --out DIR`, the
+real-text judge's model) on prompts cut from its held-out documents, so that the default
+config selects on real attention: `python -m bench.train_realtext --out /tmp/rt`, then
+`python -m bench.ttft --model /tmp/rt --modes eager "inductor causal" "door default"
+--lengths 16384 32768`.
+
 Writes bench/results/ttft.{md,json} (`--out`, `--name`). On one H100 the whole set does not
 fit one 10-minute command: run mode groups with `--out /tmp/ttft --append` on one machine
 (`eager inductor no-attention`; `"flexsample ~5%" "flexsample ~10%"`; `"flexsample ~20%"
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -114,10 +121,13 @@ class Setup:
     vocab: int
     dtype: torch.dtype
     base: SampleConfig
+    #: A trained checkpoint (`--model`): its weights, and prompts from its held-out text.
+    model_dir: pathlib.Path | None = None
+    dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.dim or self.hidden // self.heads
 
 
 def gpu_setup(layers: int) -> Setup:
@@ -130,6 +140,57 @@ def smoke_setup() -> Setup:
     return Setup("cpu", 2, 64, 128, 4, 2, 256, torch.float32, base)
 
 
+def checkpoint_setup(model_dir: pathlib.Path, smoke: bool) -> Setup:
+    """The sizes of a trained checkpoint (`bench.train_realtext --out`), on CUDA in bf16, or on
+    CPU in fp32 with the smoke run's blocks of 32."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    device, dtype, base = (
+        ("cpu", torch.float32, smoke_setup().base)
+        if smoke
+        else ("cuda", torch.bfloat16, SampleConfig())
+    )
+    return Setup(
+        device,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        dtype,
+        base,
+        model_dir=model_dir,
+        dim=getattr(c, "head_dim", None),
+    )
+
+
+def prompt_ids(setup: Setup, seq_len: int) -> torch.Tensor:
+    """`[1, seq_len]` prompt: random token ids, or for a trained checkpoint its held-out
+    documents (`bench.realtext.eval_documents`) joined in their order."""
+    if setup.model_dir is None:
+        return torch.randint(0, setup.vocab, (1, seq_len), device=setup.device)
+    tokens = _held_out_tokens(setup.model_dir)
+    if tokens.numel() < seq_len:
+        raise ValueError(
+            f"{setup.model_dir}: {tokens.numel()} held-out tokens, fewer than {seq_len}"
+        )
+    return tokens[:seq_len].to(setup.device)[None]
+
+
+@functools.cache
+def _held_out_tokens(model_dir: pathlib.Path) -> torch.Tensor:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from bench.realtext import eval_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs, _, _ = eval_documents(model_dir, tokenizer, length=None, count=None)
+    return torch.from_numpy(np.concatenate(docs).astype(np.int64))
+
+
 def config_of(mode: str, base: SampleConfig) -> SampleConfig:
     """The SampleConfig of a flexsample/door mode: fixed density, or `base` (default)."""
     for key, target in DENSITIES.items():
@@ -140,6 +201,12 @@ def config_of(mode: str, base: SampleConfig) -> SampleConfig:
 
 def load_model(setup: Setup, max_len: int, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if setup.model_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            setup.model_dir, dtype=setup.dtype, attn_implementation=attn
+        )
+        return model.to(setup.device).eval()
 
     config = LlamaConfig(
         vocab_size=setup.vocab,
@@ -304,7 +371,7 @@ def measure_row(args, setup: Setup, mode: str, fn, config, seq_len: int, graphs:
     reset_report()
     flexsample.path_counts.clear()
     row: dict = {"S": seq_len, "mode": mode}
-    ids = torch.randint(0, setup.vocab, (1, seq_len), device=setup.device)
+    ids = prompt_ids(setup, seq_len)
     before = _unique_graphs()
     if setup.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -404,7 +471,7 @@ def profile(fn, setup: Setup, seq_len: int, mode: str) -> tuple[list[dict], list
     from torch.profiler import profile as torch_profile
 
     cuda = setup.device == "cuda"
-    ids = torch.randint(0, setup.vocab, (1, seq_len), device=setup.device)
+    ids = prompt_ids(setup, seq_len)
     _prefill(fn, ids)  # compile / warm
     _sync(setup.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -453,6 +520,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         "--modes", nargs="*", default=MODES, help="of " + ", ".join(ALL_MODES).replace("%", "%%")
     )
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="LENGTH")
+    parser.add_argument(
+        "--model",
+        type=pathlib.Path,
+        help="a trained checkpoint (bench.train_realtext --out): its weights, prompts from its "
+        "held-out documents",
+    )
     parser.add_argument("--name", default="ttft")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--append", action="store_true", help="keep earlier rows of --name")
@@ -471,16 +544,19 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             parser.error(f"unknown mode {mode!r}; known: {ALL_MODES}")
     if args.profile and not set(PROFILED) & set(args.modes):
         parser.error(f"--profile profiles {' and '.join(PROFILED)}: give one in --modes")
-    if args.cpu_smoke:
+    if args.model is not None:
+        setup = checkpoint_setup(args.model, args.cpu_smoke)
+    elif args.cpu_smoke:
         setup = smoke_setup()
+    else:
+        setup = gpu_setup(args.layers)
+    if args.cpu_smoke:
         if args.lengths == parser.get_default("lengths"):
             args.lengths = [64, 96]
         args.repeats = min(args.repeats, 1)
         args.compiler = args.compiler or "aot_eager"
         if args.out == parser.get_default("out"):  # never over the GPU results
             args.out = RESULTS / "cpu"
-    else:
-        setup = gpu_setup(args.layers)
     args.compiler = args.compiler or "inductor"
 
     tables = _earlier(args) if args.append else {"TTFT": [], "Profile": [], "Parts": []}
@@ -541,7 +617,13 @@ def _write(args: argparse.Namespace, setup: Setup, tables: dict, graphs: dict) -
     rows.sort(key=lambda r: (r["S"], ALL_MODES.index(r["mode"]) if r["mode"] in ALL_MODES else 99))
     derive(rows)
     shape = (
-        f"Model: random-init Llama-3-8B shape ({setup.layers} layers, hidden {setup.hidden}, "
+        (
+            f"Model: the trained checkpoint {setup.model_dir} (prompts: its held-out documents, "
+            "bench.realtext.eval_documents, joined) "
+            if setup.model_dir is not None
+            else "Model: random-init Llama-3-8B shape "
+        )
+        + f"({setup.layers} layers, hidden {setup.hidden}, "
         f"Hq {setup.heads}, Hkv {setup.kv_heads}, D {setup.head_dim}, vocab {setup.vocab}), "
         f"{str(setup.dtype).removeprefix('torch.')} on {setup.device}"
         + (" (--cpu-smoke: sizes, not timings)" if args.cpu_smoke else "")
@@ -572,8 +654,13 @@ def _write(args: argparse.Namespace, setup: Setup, tables: dict, graphs: dict) -
         + "; ".join(f"{k}: {fixed_density(d, setup.base)}" for k, d in DENSITIES.items())
         + ". Their density is measured on random q/k of the same shape.",
         "'paths' counts sample_attention calls by path over all calls (first + repeats), "
-        f"{setup.layers} per forward. Default-config rows on random weights keep nearly every "
-        "block (near-uniform attention): they measure overhead, not a trained model's benefit.",
+        f"{setup.layers} per forward. "
+        + (
+            "Default-config rows select on this trained model's attention."
+            if setup.model_dir is not None
+            else "Default-config rows on random weights keep nearly every block (near-uniform "
+            "attention): they measure overhead, not a trained model's benefit."
+        ),
         "Profile: one prefill after a warm call under torch.profiler ("
         + (
             "CPU and CUDA activities; 'device ms' is self CUDA time"

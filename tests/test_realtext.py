@@ -162,6 +162,29 @@ def test_losses_match_the_model_loss_and_the_nearest_context(checkpoint):
     assert short.shape == (32,) and not torch.allclose(short, nll[-32:])
 
 
+def test_ttft_times_a_trained_checkpoint_on_its_held_out_text(checkpoint):
+    """`bench.ttft --model`: the checkpoint's own sizes and weights, prompts cut from its
+    held-out documents, and a clear error where they are too short."""
+    import pathlib
+
+    from bench import ttft
+
+    out, tmp = checkpoint
+    setup = ttft.checkpoint_setup(pathlib.Path(out), smoke=True)
+    tokens = ttft._held_out_tokens(pathlib.Path(out))
+    assert torch.equal(ttft.prompt_ids(setup, 96)[0], tokens[:96])
+    with pytest.raises(ValueError, match="held-out tokens, fewer than"):
+        ttft.prompt_ids(setup, tokens.numel() + 1)
+    modes = ["eager", "door default"]
+    argv = ["--cpu-smoke", "--model", str(out), "--lengths", "96", "--out", str(tmp)]
+    ttft.main([*argv, "--name", "ttft_checkpoint", "--modes", *modes])
+    data = json.loads((tmp / "ttft_checkpoint.json").read_text())
+    rows = {r["mode"]: r for r in data["tables"][0]["rows"]}
+    assert set(rows) == set(modes) and all(r["prefill s"] > 0 for r in rows.values())
+    assert rows["door default"]["paths"].startswith("sparse="), rows["door default"]
+    assert any(f"trained checkpoint {out}" in note for note in data["notes"])
+
+
 def test_evaluation_runs_every_method_on_a_tiny_model(checkpoint):
     from bench import accuracy, realtext
 
