@@ -10,9 +10,16 @@ row chunk so that no second S×S tensor is allocated). Nothing is remembered acr
 in-place write through `.numpy()` or `.data` does not bump a tensor's version counter, so no
 cache key can prove that a mask is unchanged (the check costs 7.65 ms per layer at 128K on
 the H200, bench/results/op_path.md).
+
+A 2-D key mask is read in one device read per call (`read_key_mask`): each read is a host
+sync, which stalls the GPU while the host launches the layer's kernels (the real-text model
+at 16K: two per layer before, bench/results/ttft_realtext_profile.md). Compiled graphs hand
+each layer's call its own buffer, so no identity can carry a reading from layer to layer.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -96,26 +103,45 @@ def causal_padding_mask(
     return mask & (own[:, None, :, None] == keys[:, None, None, :])
 
 
-def key_mask_error(mask: torch.Tensor, batch: int, seq_kv: int) -> str | None:
-    """What is wrong with a 2-D key mask for `[batch, seq_kv]` keys, or None."""
+class KeyMaskReading(NamedTuple):
+    """What the op needs to know of a 2-D key mask's values."""
+
+    negative: bool  # integer ids with a negative entry: the door's mark for an unreadable mask
+    keeps_every_key: bool  # nothing beyond causality: all-True padding, one sequence per row
+
+
+def read_key_mask(mask: torch.Tensor) -> KeyMaskReading:
+    """The values of a 2-D key mask `[B, Skv]` (bool padding or integer sequence ids) the op
+    decides on: an O(B·S) pass and one host sync."""
+    if mask.dtype == torch.bool:
+        flags = torch.stack([torch.zeros((), dtype=torch.bool, device=mask.device), mask.all()])
+    else:
+        flags = torch.stack([(mask < 0).any(), (mask == mask[:, :1]).all()])
+    return KeyMaskReading(*flags.tolist())
+
+
+def key_mask_form_error(mask: torch.Tensor, batch: int, seq_kv: int) -> str | None:
+    """What is wrong with a 2-D key mask's dtype or shape for `[batch, seq_kv]` keys, or None
+    (no value is read: it runs traced too)."""
     if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.shape != (batch, seq_kv):
         return (
             f"a 2-D attn_mask is a bool [B, Skv] = [{batch}, {seq_kv}] padding mask or integer "
             f"[B, Skv] sequence ids, got {mask.dtype} {tuple(mask.shape)}"
         )
-    if mask.dtype != torch.bool and bool((mask < 0).any()):
+    return None
+
+
+def checked_key_mask(mask: torch.Tensor, batch: int, seq_kv: int) -> KeyMaskReading:
+    """`read_key_mask` of a 2-D key mask for `[batch, seq_kv]` keys; ValueError naming what is
+    wrong with one the op cannot take."""
+    if (error := key_mask_form_error(mask, batch, seq_kv)) is not None:
+        raise ValueError(error)
+    reading = read_key_mask(mask)
+    if reading.negative:
         # The door's mark for a traced mask function it could not read as causal ∧ packed.
-        return (
+        raise ValueError(
             "the transformers door got a traced mask that is neither causal nor causal within "
             "packed sequences (negative sequence ids); pass an attention_mask or a cache, or "
             "run this model uncompiled"
         )
-    return None
-
-
-def keeps_every_key(mask: torch.Tensor) -> bool:
-    """True when a 2-D key mask changes nothing beyond causality: a padding mask keeping every
-    key, or sequence ids naming one sequence per batch row (an O(B·S) read)."""
-    if mask.dtype == torch.bool:
-        return bool(mask.all())
-    return bool((mask == mask[:, :1]).all())
+    return reading

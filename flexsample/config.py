@@ -35,11 +35,12 @@ class SampleConfig:
     sample_block: rows per contiguous sampled tile; 1 gives evenly strided rows.
     q_block, kv_block: block sizes of the mask (FlexAttention's BLOCK_SIZE).
     min_seq_len: sequences shorter than this run dense SDPA (sparsity does not pay there).
-        16384: the stripes config's total (mask build + attention) against cuDNN on the H100
-        was 0.52x / 0.56x at 8K, 0.92x / 1.07x at 12K and 1.61x / 2.05x at 16K (Triton /
-        FLASH backend; bench/results/attention_short.md), so 16K is the first measured length
-        that paid on both backends. Not re-measured below 32K for the antidiagonal default
-        (5.6x cuDNN at 32K with FLASH, attention.md, H100).
+        8192: the default (antidiagonal) config's total (mask build + attention) against
+        cuDNN on the H100 is 1.79x / 2.07x at 8K (density 0.127, build 0.22 ms), 2.65x /
+        3.48x at 12K and 3.29x / 4.27x at 16K (Triton / FLASH backend, structured inputs;
+        bench/results/attention_short.md, 2026-11-26 16:15), so sparsity pays from the
+        shortest measured length on both backends. Shorter lengths were not measured. (The
+        stripes estimator lost below 12K: 0.64x / 0.70x at 8K in the same run.)
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
     tile_alpha: None (the paper's selection from the mean over sampled rows), or a CRA
@@ -94,7 +95,7 @@ class SampleConfig:
     sample_block: int = 16
     q_block: int = 128
     kv_block: int = 128
-    min_seq_len: int = 16384
+    min_seq_len: int = 8192
     max_stripe_ratio: float | None = None
     tile_alpha: float | None = None
     score_backend: str = "auto"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flexsample.attention import sparse_attention, validate_inputs
-from flexsample.causal_mask import causal_padding_mask, key_mask_error
+from flexsample.causal_mask import causal_padding_mask, checked_key_mask
 from flexsample.config import SampleConfig
 from flexsample.paths import dense_reason, record
 
@@ -66,9 +66,8 @@ def sample_attention_op(
     """
     validate_inputs(q, k, v, enable_gqa=enable_gqa, scale=scale, longer_query=True)
     key_mask = attn_mask is not None and attn_mask.dim() == 2
-    if key_mask and (error := key_mask_error(attn_mask, q.shape[0], k.shape[2])) is not None:
-        raise ValueError(error)
-    reason = dense_reason(q, k, _config_from_str(config), attn_mask)
+    reading = checked_key_mask(attn_mask, q.shape[0], k.shape[2]) if key_mask else None
+    reason = dense_reason(q, k, _config_from_str(config), attn_mask, reading)
     site_paths[site][record(reason, tuple(q.shape))] += 1
     if reason is not None:
         if key_mask:

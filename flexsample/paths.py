@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from flexsample.causal_mask import is_causal_mask, keeps_every_key
+from flexsample.causal_mask import KeyMaskReading, is_causal_mask, read_key_mask
 from flexsample.config import SampleConfig
 
 logger = logging.getLogger("flexsample")
@@ -28,9 +28,11 @@ def dense_reason(
     k: torch.Tensor,
     config: SampleConfig,
     attn_mask: torch.Tensor | None = None,
+    reading: KeyMaskReading | None = None,
 ) -> str | None:
     """Why valid inputs q `[B, Hq, Sq, D]`, k `[B, Hkv, Skv, D]` (and a mask, if any) run
-    dense, or None when the sparse path applies.
+    dense, or None when the sparse path applies (`reading`: a 2-D mask's values, if the caller
+    has read them).
 
     `attn_mask` is an SDPA mask (3 or 4 dims), or a 2-D `[B, Skv]` key mask (the transformers
     door's formats: bool padding, True = keep, or integer packed-sequence ids). Cheap checks
@@ -49,7 +51,7 @@ def dense_reason(
     if attn_mask is None:
         return None
     if attn_mask.dim() == 2:
-        if keeps_every_key(attn_mask):
+        if (reading or read_key_mask(attn_mask)).keeps_every_key:
             return None
         return "padding" if attn_mask.dtype == torch.bool else "packed sequences"
     return None if is_causal_mask(attn_mask) else "mask"

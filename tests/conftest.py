@@ -52,9 +52,9 @@ def op_masks(monkeypatch):
     seen = []
     real = op.dense_reason
 
-    def spy(q, k, config, attn_mask=None):
+    def spy(q, k, config, attn_mask=None, reading=None):
         seen.append(None if attn_mask is None else tuple(attn_mask.shape))
-        return real(q, k, config, attn_mask)
+        return real(q, k, config, attn_mask, reading)
 
     monkeypatch.setattr(op, "dense_reason", spy)
     return seen

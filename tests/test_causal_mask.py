@@ -80,3 +80,22 @@ def test_causal_padding_mask_is_end_aligned_and_padded():
     assert mask.shape == (2, 1, 4, 4)
     assert torch.equal(mask[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
     assert torch.equal(mask[1, 0], torch.ones(4, 4, dtype=torch.bool).tril() & padding[1])
+
+
+def test_key_masks_are_read_for_what_the_op_decides_on():
+    """Padding masks and sequence ids: kept keys, one sequence per row, negative ids refused,
+    wrong shapes and dtypes named."""
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    assert causal_mask.checked_key_mask(keep, 2, 9) == (False, True)
+    keep[1, 0] = False
+    assert causal_mask.checked_key_mask(keep, 2, 9) == (False, False)
+    ids = torch.full((2, 9), 3)
+    assert causal_mask.checked_key_mask(ids, 2, 9) == (False, True)
+    ids[0, 5:] = 4
+    assert causal_mask.checked_key_mask(ids, 2, 9) == (False, False)
+    ids[1, 0] = -1
+    with pytest.raises(ValueError, match="negative sequence ids"):
+        causal_mask.checked_key_mask(ids, 2, 9)
+    for bad, shape in ((keep.float(), (2, 9)), (keep, (2, 10)), (keep, (1, 9))):
+        with pytest.raises(ValueError, match=r"padding mask or integer \[B, Skv\] sequence ids"):
+            causal_mask.checked_key_mask(bad, *shape)
