@@ -88,6 +88,26 @@ def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim, ce
     _check(_scores(q, k, config, 0.3, **launch), q, k, config, 0.3)
 
 
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+def test_only_tiles_below_the_first_row_skip_the_masks(cell_score):
+    """Logits -100 + key / 2: all negative, larger for later keys. An unmasked tile that reaches
+    a program's rows scores a future key above every causal one, and in "max" an unmasked tile
+    of the partial last strided row (S % s = 1) a segment past S (read as 0) above every real
+    cell. Tiles of 16 keys, programs of 16 strided rows: the second program has one unmasked
+    tile, the third (the partial row) none."""
+    seq_len = 161
+    q = torch.zeros(1, 4, seq_len, 16, device=DEVICE)
+    k = torch.zeros(1, 2, seq_len, 16, device=DEVICE)
+    q[..., :2] = 1.0
+    k[..., 0] = -100.0
+    k[..., 1] = torch.arange(seq_len, device=DEVICE) / 2
+    config = SampleConfig(
+        estimator="antidiagonal", stride=4, q_block=16, kv_block=16, cell_score=cell_score
+    )
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16}
+    _check(_scores(q, k, config, 0.1, **launch), q, k, config, 0.1)
+
+
 @pytest.mark.parametrize(
     "backend, kernel", [("torch", False), ("auto", DEVICE == "cuda"), ("triton", True)]
 )

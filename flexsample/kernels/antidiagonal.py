@@ -10,13 +10,23 @@ read through k's strides. Two launches per chunk of strided rows:
 1. `_strided_lse_kernel`: for each tile of `BLOCK_N` causal strided keys, the scaled strided
    logits: for `cell_score="mean"` by `tl.dot` over s*D in `BLOCK_K` steps (the diagonal cell
    replaced by its causal cells' mean, computed before the loop), for "max" one D-deep dot per
-   antidiagonal segment and the elementwise max of the s tiles (`_tile_cell_max`, causal and
-   past-S cells masked per segment), then each row's log-sum-exp over every `sub` keys
-   (`sub` = the strided keys of a key block, or `BLOCK_N` if a key block is wider) stored in a
-   `[rows, sub-blocks]` scratch slice, and the row's online (max, sum), stored per row;
+   antidiagonal segment and the elementwise max of the s tiles (`_tile_cell_max`), then each
+   row's log-sum-exp over every `sub` keys (`sub` = the strided keys of a key block, or
+   `BLOCK_N` if a key block is wider) stored in a `[rows, sub-blocks]` scratch slice, and the
+   row's online (max, sum), stored per row;
 2. `_block_mass_kernel`: one program per (batch, head, query block) sums
    `exp2(lse_sub - lse_row)` over the query block's strided rows and each key block's
    sub-blocks: the estimate.
+
+Masks: under "max" the causal and past-S masks and the scale, applied to each segment's
+`[rows, keys]` dots, cost about as much as the dot (sm_90 SASS: ~8 instructions an element a
+segment, against 1 for the max alone). A program's key tiles wholly below its first strided
+row have only causal cells, so they run first without masks: a segment's epilogue is one max
+and the scale is applied once per tile (a positive scale commutes with the max). The tiles
+reaching the diagonal (one or two at the default tiles) follow with the masks; "mean" skips its
+diagonal and causal `where` on the first tiles likewise. A program holding a partial last
+strided row (S % s != 0) masks every tile: a segment past S reads as 0 and would put a 0 logit
+in the max.
 
 Why one pass with a scratch instead of two passes over K': the QK'^T FLOPs are the cost
 (`S^2*D/s` per head: 8.8 TFLOP at 128K on Llama-3-8B with s = 8), and a second pass would
@@ -168,9 +178,12 @@ def _tile_cell_max(
     STRIDE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """`cell_score="max"`: log2-domain strided logits `[R, BLOCK_N]`, each the largest of its
-    cell's real causal antidiagonal logits (-inf where none): one D-long dot per segment."""
+    cell's real causal antidiagonal logits (-inf where none): one D-long dot per segment.
+    Not `MASKED`: for tiles whose cells are all causal and whose rows are all below S (rows
+    never stored may read as 0)."""
     offs_k = tl.arange(0, BLOCK_K)
     best = tl.full([R, BLOCK_N], float("-inf"), tl.float32)
     for seg in range(0, STRIDE):
@@ -184,13 +197,16 @@ def _tile_cell_max(
                 k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
             )
             acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
-        order = _order(m, seg, STRIDE)
-        # Key n*s + seg against row m*s + order: causal for n < m, and on the diagonal cell
-        # where order >= seg; rows past S have no cell.
-        ok = (n[None, :] < m[:, None]) | ((n[None, :] == m[:, None]) & (order >= seg)[:, None])
-        ok &= (m * STRIDE + order < seq_len)[:, None]
-        best = tl.maximum(best, tl.where(ok, acc * row_scale[:, None], float("-inf")))
-    return best
+        if MASKED:
+            order = _order(m, seg, STRIDE)
+            # Key n*s + seg against row m*s + order: causal for n < m, and on the diagonal cell
+            # where order >= seg; rows past S have no cell.
+            ok = (n[None, :] < m[:, None]) | ((n[None, :] == m[:, None]) & (order >= seg)[:, None])
+            ok &= (m * STRIDE + order < seq_len)[:, None]
+            acc = tl.where(ok, acc, float("-inf"))
+        best = tl.maximum(best, acc)
+    # One positive scale for every row in "max": scaling the max equals the max of the scaled.
+    return best * row_scale[:, None]
 
 
 @triton.jit
@@ -280,64 +296,73 @@ def _strided_lse_kernel(
     offs_j = tl.arange(0, BLOCK_N // SUB)
     m_i = tl.full([G_PAD * ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD * ROWS], tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
-        n = n0 + offs_n
-        if MAX:
-            logit = _tile_cell_max(
-                q_rows,
-                k_base,
-                m,
-                n,
-                row_ok,
-                seq_len,
-                stride_qs,
-                stride_qd,
-                stride_ks,
-                stride_kd,
-                row_scale,
-                G_PAD * ROWS,
-                BLOCK_N,
-                BLOCK_K,
-                D_CHUNKS,
-                HEAD_DIM,
-                STRIDE,
-                UPCAST,
-                PRECISION,
-            )
-        else:
-            acc = tl.zeros([G_PAD * ROWS, BLOCK_N], tl.float32)
-            for c in range(0, STRIDE * D_CHUNKS):
-                seg = c // D_CHUNKS
-                d = c % D_CHUNKS * BLOCK_K + offs_k
-                qc = _q_cells(
+    # Tiles wholly below the program's first row first, unmasked (module docstring), then the
+    # rest: one loop body, compiled once per phase.
+    m_first = row0 + tile * ROWS
+    fast_end = tl.where(n_end * STRIDE > seq_len, 0, m_first // BLOCK_N * BLOCK_N)
+    for masked in tl.static_range(2):
+        for n0 in range(fast_end if masked else 0, n_end if masked else fast_end, BLOCK_N):
+            n = n0 + offs_n
+            if MAX:
+                logit = _tile_cell_max(
                     q_rows,
+                    k_base,
                     m,
-                    seg,
-                    d,
+                    n,
                     row_ok,
                     seq_len,
                     stride_qs,
                     stride_qd,
+                    stride_ks,
+                    stride_kd,
+                    row_scale,
+                    G_PAD * ROWS,
+                    BLOCK_N,
+                    BLOCK_K,
+                    D_CHUNKS,
                     HEAD_DIM,
                     STRIDE,
                     UPCAST,
+                    PRECISION,
+                    masked,
                 )
-                kc = _k_cells(
-                    k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
-                )
-                acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
-            logit = _tile_logits(acc, n, m, row_scale, diag_logit)
-        lse_sub = _sub_lse(logit, G_PAD * ROWS, BLOCK_N, SUB)
-        j = n0 // SUB + offs_j
-        tl.store(
-            BLOCK_LSE + scratch_row[:, None] * width + j[None, :],
-            lse_sub,
-            mask=row_ok[:, None] & (j[None, :] * SUB < n_end),
-        )
-        m_new = tl.maximum(m_i, tl.max(lse_sub, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(lse_sub - m_ref[:, None]), 1)
-        m_i = m_new
+            else:
+                acc = tl.zeros([G_PAD * ROWS, BLOCK_N], tl.float32)
+                for c in range(0, STRIDE * D_CHUNKS):
+                    seg = c // D_CHUNKS
+                    d = c % D_CHUNKS * BLOCK_K + offs_k
+                    qc = _q_cells(
+                        q_rows,
+                        m,
+                        seg,
+                        d,
+                        row_ok,
+                        seq_len,
+                        stride_qs,
+                        stride_qd,
+                        HEAD_DIM,
+                        STRIDE,
+                        UPCAST,
+                    )
+                    kc = _k_cells(
+                        k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
+                    )
+                    acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+                if masked:
+                    logit = _tile_logits(acc, n, m, row_scale, diag_logit)
+                else:
+                    logit = acc * row_scale[:, None]
+            lse_sub = _sub_lse(logit, G_PAD * ROWS, BLOCK_N, SUB)
+            j = n0 // SUB + offs_j
+            tl.store(
+                BLOCK_LSE + scratch_row[:, None] * width + j[None, :],
+                lse_sub,
+                mask=row_ok[:, None] & (j[None, :] * SUB < n_end),
+            )
+            m_new = tl.maximum(m_i, tl.max(lse_sub, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(lse_sub - m_ref[:, None]), 1)
+            m_i = m_new
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     # +inf for a row without a finite logit (row 0 when S < s/2): its mass below is then 0.
     lse = tl.where(l_i > 0, m_ref + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
