@@ -68,13 +68,13 @@ class SampleConfig:
         +4% at 0.358 and the block oracle needs 0.2 to be within 1%; needle in a haystack
         (niah.md) 0.92 / 0.94 / 1 / 1 at 4K-16K against dense 0.94 / 0.96 / 1 / 1 (one prompt
         of 50 at 4K and at 8K, which run dense below min_seq_len anyway); on the structured
-        inputs at 128K (attention.md, H100, FA4) the op's total is 28.5 ms, 8.67x cuDNN
+        inputs at 128K (attention.md, H100, FA4) the op's total is 24.3 ms, 10.3x cuDNN
         (stripes at alpha 0.95 measured 7.1x in an earlier run); the estimate kernel is
-        20.7 ms of it.
+        16.8 ms of it.
     stride: antidiagonal stride s: each s x s cell of the attention matrix is scored by one
         antidiagonal (s query rows against s keys), so scoring costs ~1/s of attention's QK^T.
         A power of two dividing q_block and kv_block. 16: at 128K the estimate kernel takes
-        20.7-25 ms against 44-48 ms at stride 8 (antidiagonal_kernel.md, H100), and the real-text
+        16.8 ms against 30.5 ms at stride 8 (antidiagonal_kernel.md, H100), and the real-text
         model is as lossless (ratio 0.999 at density 0.131; stride 8: 0.99 at 0.145).
     cell_score: antidiagonal mode: how one s x s cell is scored from its antidiagonal (§9).
         "max": the largest of the antidiagonal's s logits (s dot products of length D instead

@@ -55,7 +55,8 @@ from flexsample.config import SampleConfig
 #: step, warps and pipeline stages of the first kernel. Q' (BLOCK_M x s*D, 256 KiB in bf16 at
 #: s = 8) is re-read for every key tile and the programs in flight hold more of it than the
 #: H100's L2, so BLOCK_N sets Q' traffic per FLOP (1/BLOCK_N bytes in bf16): 128. Measured
-#: (`bench/results/antidiagonal_kernel.md`, H100, Llama-3-8B shape, 128K): BLOCK_N 128 against
+#: (`bench/results/antidiagonal_kernel.md` as of its 2026-11-26 12:29 sweep, before the
+#: unmasked tiles; H100, Llama-3-8B shape, 128K): BLOCK_N 128 against
 #: 64 is 1.9x faster; 8 warps; 3 or 4 stages within 1%. BLOCK_K 128 against 64 is 16% faster
 #: ("max", stride 16: 21.4 vs 25.4 ms; stride 8: 43.7 vs 48.0; "mean" 2-5%) but needs 192 KiB
 #: of shared memory at 3 stages, which only Hopper-class GPUs (sm_90+, 227 KiB) have: it is
