@@ -114,28 +114,24 @@ def read_key_mask(mask: torch.Tensor) -> KeyMaskReading:
     """The values of a 2-D key mask `[B, Skv]` (bool padding or integer sequence ids) the op
     decides on: an O(B·S) pass and one host sync."""
     if mask.dtype == torch.bool:
-        flags = torch.stack([torch.zeros((), dtype=torch.bool, device=mask.device), mask.all()])
-    else:
-        flags = torch.stack([(mask < 0).any(), (mask == mask[:, :1]).all()])
+        return KeyMaskReading(False, bool(mask.all()))
+    flags = torch.stack([(mask < 0).any(), (mask == mask[:, :1]).all()])
     return KeyMaskReading(*flags.tolist())
 
 
-def key_mask_form_error(mask: torch.Tensor, batch: int, seq_kv: int) -> str | None:
-    """What is wrong with a 2-D key mask's dtype or shape for `[batch, seq_kv]` keys, or None
-    (no value is read: it runs traced too)."""
+def checked_key_mask(mask: torch.Tensor, batch: int, seq_kv: int) -> KeyMaskReading | None:
+    """Check a 2-D key mask for `[batch, seq_kv]` keys: ValueError naming what is wrong with one
+    the op cannot take. Sequence ids are read here (negative ones are refused), in one host
+    sync that also answers `dense_reason`: their reading is returned. A bool padding mask is
+    not read (None): no sync where a path runs dense before looking at it, and none in traced
+    code."""
     if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.shape != (batch, seq_kv):
-        return (
+        raise ValueError(
             f"a 2-D attn_mask is a bool [B, Skv] = [{batch}, {seq_kv}] padding mask or integer "
             f"[B, Skv] sequence ids, got {mask.dtype} {tuple(mask.shape)}"
         )
-    return None
-
-
-def checked_key_mask(mask: torch.Tensor, batch: int, seq_kv: int) -> KeyMaskReading:
-    """`read_key_mask` of a 2-D key mask for `[batch, seq_kv]` keys; ValueError naming what is
-    wrong with one the op cannot take."""
-    if (error := key_mask_form_error(mask, batch, seq_kv)) is not None:
-        raise ValueError(error)
+    if mask.dtype == torch.bool:
+        return None
     reading = read_key_mask(mask)
     if reading.negative:
         # The door's mark for a traced mask function it could not read as causal ∧ packed.

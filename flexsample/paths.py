@@ -51,7 +51,7 @@ def dense_reason(
     if attn_mask is None:
         return None
     if attn_mask.dim() == 2:
-        if (reading or read_key_mask(attn_mask)).keeps_every_key:
+        if (reading if reading is not None else read_key_mask(attn_mask)).keeps_every_key:
             return None
         return "padding" if attn_mask.dtype == torch.bool else "packed sequences"
     return None if is_causal_mask(attn_mask) else "mask"

@@ -108,6 +108,21 @@ def test_only_tiles_below_the_first_row_skip_the_masks(cell_score):
     _check(_scores(q, k, config, 0.1, **launch), q, k, config, 0.1)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+def test_zero_and_negative_scales_match_the_reference(cell_score, scale):
+    """SDPA takes any finite scale: "max" may scale the segments' max only when the scale is
+    positive (a negative one turns the max into a min, a zero one makes -inf * 0 = NaN)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 203, 16, generator=gen).to(DEVICE)
+    k = torch.randn(1, 2, 203, 16, generator=gen).to(DEVICE)
+    config = SampleConfig(
+        estimator="antidiagonal", stride=4, q_block=16, kv_block=32, cell_score=cell_score
+    )
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16}
+    _check(_scores(q, k, config, scale, **launch), q, k, config, scale)
+
+
 @pytest.mark.parametrize(
     "backend, kernel", [("torch", False), ("auto", DEVICE == "cuda"), ("triton", True)]
 )
@@ -122,16 +137,18 @@ def test_the_estimate_takes_the_kernel_where_use_kernels(backend, kernel):
 
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
 def test_a_range_of_query_blocks_reads_only_their_rows(cell_score):
-    """The kernels with `q_blocks` (context parallelism's chunks): the full estimate's rows,
-    with q NaN outside them, in several launches and tiles."""
+    """The kernels with `q_blocks` (context parallelism's chunks): the full estimate's rows
+    (checked against the reference; S = 301 ends in a partial strided row), with q NaN
+    outside them, in several launches and tiles."""
     gen = torch.Generator().manual_seed(2)
-    q = (torch.randn(1, 4, 300, 32, generator=gen) * 2).to(DEVICE)
-    k = torch.randn(1, 2, 300, 32, generator=gen).to(DEVICE)
+    q = (torch.randn(1, 4, 301, 32, generator=gen) * 2).to(DEVICE)
+    k = torch.randn(1, 2, 301, 32, generator=gen).to(DEVICE)
     config = SampleConfig(
         estimator="antidiagonal", stride=4, q_block=16, kv_block=32, cell_score=cell_score
     )
     launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1}
     full = _scores(q, k, config, 0.2, **launch)
+    _check(full, q, k, config, 0.2)
     for first, end in [(1, 3), (17, 19), (5, 6)]:
         masked = q.clone()
         masked[:, :, : first * 16] = float("nan")

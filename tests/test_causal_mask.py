@@ -86,13 +86,15 @@ def test_key_masks_are_read_for_what_the_op_decides_on():
     """Padding masks and sequence ids: kept keys, one sequence per row, negative ids refused,
     wrong shapes and dtypes named."""
     keep = torch.ones(2, 9, dtype=torch.bool)
-    assert causal_mask.checked_key_mask(keep, 2, 9) == (False, True)
+    assert causal_mask.checked_key_mask(keep, 2, 9) is None  # read only where a path needs it
+    assert causal_mask.read_key_mask(keep) == (False, True)
     keep[1, 0] = False
-    assert causal_mask.checked_key_mask(keep, 2, 9) == (False, False)
+    assert causal_mask.read_key_mask(keep) == (False, False)
     ids = torch.full((2, 9), 3)
     assert causal_mask.checked_key_mask(ids, 2, 9) == (False, True)
     ids[0, 5:] = 4
-    assert causal_mask.checked_key_mask(ids, 2, 9) == (False, False)
+    reading = causal_mask.checked_key_mask(ids, 2, 9)
+    assert reading == (False, False) and all(type(flag) is bool for flag in reading)
     ids[1, 0] = -1
     with pytest.raises(ValueError, match="negative sequence ids"):
         causal_mask.checked_key_mask(ids, 2, 9)

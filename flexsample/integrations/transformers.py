@@ -31,7 +31,7 @@ from transformers.masking_utils import (
 )
 from transformers.utils.import_utils import is_tracing
 
-from flexsample.causal_mask import causal_padding_mask, checked_key_mask, key_mask_form_error
+from flexsample.causal_mask import causal_padding_mask, checked_key_mask
 from flexsample.config import SampleConfig, as_config
 from flexsample.op import config_to_str
 from flexsample.paths import dense_reason
@@ -233,10 +233,7 @@ def fallback_mask(
     if mask is None and not additive:
         return None  # the SDPA function runs is_causal=True itself
     if mask is not None and mask.dim() == 2:
-        if (error := key_mask_form_error(mask, query.shape[0], key.shape[2])) is not None:
-            raise ValueError(error)
-        if mask.dtype != torch.bool:  # sequence ids: negative ones are refused
-            checked_key_mask(mask, query.shape[0], key.shape[2])
+        checked_key_mask(mask, query.shape[0], key.shape[2])
     if mask is None or mask.dim() == 2:
         mask = causal_padding_mask(query.shape[2], key.shape[2], mask, device=query.device)
     if not additive or mask.dtype != torch.bool:

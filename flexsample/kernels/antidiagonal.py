@@ -22,11 +22,12 @@ Masks: under "max" the causal and past-S masks and the scale, applied to each se
 `[rows, keys]` dots, cost about as much as the dot (sm_90 SASS: ~8 instructions an element a
 segment, against 1 for the max alone). A program's key tiles wholly below its first strided
 row have only causal cells, so they run first without masks: a segment's epilogue is one max
-and the scale is applied once per tile (a positive scale commutes with the max). The tiles
-reaching the diagonal (one or two at the default tiles) follow with the masks; "mean" skips its
-diagonal and causal `where` on the first tiles likewise. A program holding a partial last
-strided row (S % s != 0) masks every tile: a segment past S reads as 0 and would put a 0 logit
-in the max.
+and the scale is applied once per tile (a positive scale commutes with the max; a zero or
+negative one, which SDPA allows, is applied per segment). The tiles reaching the diagonal
+(one or two at the default tiles) follow with the masks; "mean" skips its diagonal and causal
+`where` on the first tiles likewise. A program holding a partial last strided row
+(S % s != 0) masks every tile: under "max" a segment past S reads as 0 and would put a 0 logit
+in the max ("mean" counts real cells only, but shares the rule: one program per KV head).
 
 Why one pass with a scratch instead of two passes over K': the QK'^T FLOPs are the cost
 (`S^2*D/s` per head: 8.8 TFLOP at 128K on Llama-3-8B with s = 8), and a second pass would
@@ -180,11 +181,13 @@ def _tile_cell_max(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
+    POSITIVE_SCALE: tl.constexpr,
 ):
     """`cell_score="max"`: log2-domain strided logits `[R, BLOCK_N]`, each the largest of its
     cell's real causal antidiagonal logits (-inf where none): one D-long dot per segment.
     Not `MASKED`: for tiles whose cells are all causal and whose rows are all below S (rows
-    never stored may read as 0)."""
+    never stored may read as 0). `POSITIVE_SCALE`: the scale is applied once, to the max
+    (it commutes with a positive scale only; SDPA's scale may be zero or negative)."""
     offs_k = tl.arange(0, BLOCK_K)
     best = tl.full([R, BLOCK_N], float("-inf"), tl.float32)
     for seg in range(0, STRIDE):
@@ -198,6 +201,8 @@ def _tile_cell_max(
                 k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
             )
             acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+        if not POSITIVE_SCALE:
+            acc = acc * row_scale[:, None]
         if MASKED:
             order = _order(m, seg, STRIDE)
             # Key n*s + seg against row m*s + order: causal for n < m, and on the diagonal cell
@@ -206,8 +211,10 @@ def _tile_cell_max(
             ok &= (m * STRIDE + order < seq_len)[:, None]
             acc = tl.where(ok, acc, float("-inf"))
         best = tl.maximum(best, acc)
-    # One positive scale for every row in "max": scaling the max equals the max of the scaled.
-    return best * row_scale[:, None]
+    if POSITIVE_SCALE:
+        # One scale for every row in "max": scaling the max equals the max of the scaled.
+        best = best * row_scale[:, None]
+    return best
 
 
 @triton.jit
@@ -245,6 +252,7 @@ def _strided_lse_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     MAX: tl.constexpr,
+    POSITIVE_SCALE: tl.constexpr,
 ):
     # Longest tiles (last strided rows) first, for every (batch, KV head): short ones fill the
     # last wave.
@@ -326,6 +334,7 @@ def _strided_lse_kernel(
                     UPCAST,
                     PRECISION,
                     masked,
+                    POSITIVE_SCALE,
                 )
             else:
                 acc = tl.zeros([G_PAD * ROWS, BLOCK_N], tl.float32)
@@ -491,6 +500,7 @@ def antidiagonal_block_scores(
             UPCAST=upcast,
             PRECISION="ieee" if upcast else "tf32",
             MAX=cell_max,
+            POSITIVE_SCALE=scale > 0,
             num_warps=num_warps,
             num_stages=num_stages,
         )
