@@ -55,7 +55,7 @@ def _sweep(seq_len: int, stride: int, cell_score: str, args: argparse.Namespace)
             "peak MiB": peak_memory_mib(fn),
         }
 
-    want = torch_antidiagonal_scores(x.q, x.k, config, scale).double()
+    want = torch_antidiagonal_scores(x.q, x.k, config, scale).mass.double()
     base = {"S": seq_len, "stride": stride, "cell_score": cell_score}
     rows = [
         base
@@ -74,7 +74,7 @@ def _sweep(seq_len: int, stride: int, cell_score: str, args: argparse.Namespace)
             )
 
         try:
-            err = ((run().double() - want).norm() / want.norm()).item()
+            err = ((run().mass.double() - want).norm() / want.norm()).item()
             row = base | {"path": "triton", **knobs, "rel RMS vs torch": err} | measure(run)
         except Exception as exc:  # e.g. out of shared memory for this launch
             progress(f"S={seq_len} s={stride} {knobs}: {str(exc).splitlines()[0]}")

@@ -82,6 +82,17 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
         default=["max"],
         help="SampleConfig.cell_score values of the antidiagonal rows",
     )
+    parser.add_argument(
+        "--row-thresholds",
+        type=_optional_float,
+        nargs="+",
+        default=[SampleConfig.row_threshold],
+        help="SampleConfig.row_threshold values of the antidiagonal rows ('none': off)",
+    )
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def add_config_overrides(parser, example: str) -> None:
@@ -117,17 +128,19 @@ def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> 
     combination of `add_antidiagonal_arguments`' flags, and `args.local_blocks` if set."""
     local = getattr(args, "local_blocks", None)
     return {
-        f"{prefix} {cell} a={alpha} s={stride}": dataclasses.replace(
+        f"{prefix} {cell} a={alpha} s={stride} r={row}": dataclasses.replace(
             base,
             estimator="antidiagonal",
             alpha=alpha,
             stride=stride,
             cell_score=cell,
+            row_threshold=row,
             **({} if local is None else {"local_blocks": local}),
         )
         for cell in args.cell_scores
         for stride in args.strides
         for alpha in args.antidiagonal_alphas
+        for row in args.row_thresholds
     }
 
 

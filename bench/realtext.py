@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             "antidiagonal_alphas",
             "strides",
             "cell_scores",
+            "row_thresholds",
             "local_blocks",
             "budget_minutes",
             "name",
@@ -421,10 +422,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"dense nearest {args.near}: each of the last {args.last} tokens predicted from "
             f"only the {args.near}..{args.near + args.near_chunk} tokens before it (fresh "
             "forward passes on the truncated context); dense uses the full context.",
-            f"flexsample config: {config}. 'flexsample antidiag c a=x s=y' is that config with "
-            "estimator='antidiagonal', cell_score=c, alpha=x, stride=y"
+            f"flexsample config: {config}. 'flexsample antidiag c a=x s=y r=r' is that config with "
+            "estimator='antidiagonal', cell_score=c, alpha=x, stride=y, row_threshold=r"
             + ("" if args.local_blocks is None else f", local_blocks={args.local_blocks}")
-            + " (ALGORITHM §9); in the layer table 'oracle blocks @antidiag c a=x s=y' is the "
+            + " (ALGORITHM §9); in the layer table 'oracle blocks @antidiag c a=x s=y r=r' is the "
             "block oracle at its per-head density. 'flexsample attn' (attn_implementation="
             "\"flexsample\") and 'flexsample compile' (torch.compile backend) carry the density "
             "of the alpha sweep's row at that alpha (same function on the same inputs).",

@@ -14,6 +14,7 @@ is their spec.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,17 @@ from flexsample.selection import shortest_prefix
 CHUNK_ELEMENTS = 1 << 27
 #: Fixed-point bits of the selection's sums (`estimate_units`).
 UNIT_BITS = 32
+
+
+class BlockEstimate(NamedTuple):
+    """The antidiagonal estimate of every (query block, key block), `[B, Hq, nQ, nKV]` float32
+    each. `mass`: the block's estimated attention mass, summed over the query block's strided
+    rows (a row of it sums to the number of strided rows with a real row). `peak`: the largest
+    share of its own estimated mass that any one of those strided rows puts in the key block,
+    in [0, 1] (what `row_threshold` reads, §9)."""
+
+    mass: torch.Tensor
+    peak: torch.Tensor
 
 
 def strided_order(stride: int, num_strided: int, device: torch.device | str | None = None):
@@ -55,14 +67,16 @@ def antidiagonal_scores(
     chunk_elements: int = CHUNK_ELEMENTS,
     q_blocks: tuple[int, int] | None = None,
     q_row0: int = 0,
-) -> torch.Tensor:
-    """Estimated attention mass of every (query block, key block): `[B, Hq, nQ, nKV]` float32.
+) -> BlockEstimate:
+    """Estimated attention mass of every (query block, key block), and each block's largest
+    share of one strided row: `BlockEstimate` of `[B, Hq, nQ, nKV]` float32 tensors.
 
     q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` (GQA: a KV head's query heads share its K', no copy).
     The strided logit of cell (m, n) is `scale` times the max (`cell_score="max"`) or the mean
     ("mean") of q.k over the antidiagonal's cells that are real (row < S) and causal
     (key <= row); each strided row's softmax over n <= m is summed into blocks, so a query
-    block's row of the result sums to its number of strided rows with a real row. The Triton
+    block's row of `mass` sums to its number of strided rows with a real row; `peak` is the
+    largest of those rows' own sums over the key block. The Triton
     kernels where `layout.use_kernels`, else the chunked PyTorch path; `chunk_elements` bounds
     either's temporaries (a chunk's logits, the kernels' per-launch scratch). `q_blocks`
     `(first, end)`: only those query blocks' rows of the result, `[B, Hq, end - first, nKV]`;
@@ -97,7 +111,7 @@ def torch_antidiagonal_scores(
     chunk_elements: int = CHUNK_ELEMENTS,
     q_blocks: tuple[int, int] | None = None,
     q_row0: int = 0,
-) -> torch.Tensor:
+) -> BlockEstimate:
     """The PyTorch path of `antidiagonal_scores`: chunks of query blocks keep temporaries
     O(chunk × S/s)."""
     batch, heads, _, dim = q.shape
@@ -139,6 +153,7 @@ def torch_antidiagonal_scores(
 
     real_strided = math.ceil(seq_len / s)  # strided rows from here on hold no real row
     est = torch.zeros(batch, heads, end_q - first_q, num_kv, device=q.device)
+    peak = torch.zeros_like(est)
     # "max" holds a running maximum and one segment's logits: two logits tensors.
     row_elements = batch * heads * per_q * num_strided * (2 if cell_max else 1)
     blocks = max(1, chunk_elements // max(1, row_elements))
@@ -165,11 +180,13 @@ def torch_antidiagonal_scores(
             probs[..., 0, :].nan_to_num_(0.0)
         if m1 > real_strided:  # rows past S: their (uniform) softmax weighs nothing
             probs[..., max(0, real_strided - m0) :, :] = 0
-        mass = probs.unflatten(-2, (last - first, per_q)).unflatten(-1, (-1, per_kv))
-        mass = mass.sum((-3, -1)).flatten(1, 2)  # [B, Hq, chunk blocks, key blocks]
-        width = min(num_kv, mass.shape[-1])
-        est[:, :, first - first_q : last - first_q, :width] = mass[..., :width]
-    return est
+        # [B, Hkv, group, chunk blocks, strided rows per block, key blocks]
+        row_mass = probs.unflatten(-2, (last - first, per_q)).unflatten(-1, (-1, per_kv)).sum(-1)
+        width = min(num_kv, row_mass.shape[-1])
+        out = slice(first - first_q, last - first_q)
+        est[:, :, out, :width] = row_mass.sum(-2).flatten(1, 2)[..., :width]
+        peak[:, :, out, :width] = row_mass.amax(-2).flatten(1, 2)[..., :width]
+    return BlockEstimate(est, peak)
 
 
 def _cell_max_logits(
@@ -211,20 +228,25 @@ def _future(m0: int, m1: int, keys: int, device: torch.device) -> torch.Tensor:
 
 
 def select_blocks(
-    est: torch.Tensor, seq_len: int, config: SampleConfig, first_block: int = 0
+    estimate: BlockEstimate, seq_len: int, config: SampleConfig, first_block: int = 0
 ) -> torch.Tensor:
-    """Kept blocks `[B, H, nQ, nKV]` (bool) from the estimate `[B, H, nQ, nKV]` of the query
-    blocks `first_block`, `first_block + 1`, ... (0: all of them), per query block:
-    the diagonal blocks (those meeting the block's rows), the `local_blocks` before them and key
-    block 0 (the sink), then the fewest other causal blocks by descending estimate (ties: lower
-    index first) until the kept estimate reaches `alpha` of the row's; alpha = 1 (or a row
-    with no estimate) keeps every causal block. Sums are exact: the estimate is counted in
+    """Kept blocks `[B, H, nQ, nKV]` (bool) from the estimate (`[B, H, nQ, nKV]` tensors) of the
+    query blocks `first_block`, `first_block + 1`, ... (0: all of them), per query block:
+    the diagonal blocks (those meeting the block's rows), the `local_blocks` before them, key
+    block 0 (the sink) and, with `row_threshold`, every causal block whose `peak` reaches
+    `config.peak_bar(seq_len)`; then the fewest other causal blocks by descending `mass` (ties:
+    lower index first) until the kept mass reaches `alpha` of the row's; alpha = 1 (or a row
+    with no estimate) keeps every causal block. Sums are exact: the mass is counted in
     `estimate_units`."""
+    est = estimate.mass
     causal, forced = _causal_and_forced(
         est.shape[-2], est.shape[-1], seq_len, config, est.device, first_block
     )
     if config.alpha >= 1.0:
         return causal.expand(est.shape).clone()
+    bar = config.peak_bar(seq_len)
+    if bar is not None:
+        forced = forced | (causal & (estimate.peak.double() >= bar))
     units = estimate_units(torch.where(causal, est, 0.0))
     total = units.sum(-1)
     covered = torch.where(forced, units, 0).sum(-1)
@@ -249,25 +271,18 @@ def estimate_units(mass: torch.Tensor) -> torch.Tensor:
 
 
 def selected_lists(
-    est: torch.Tensor, seq_len: int, config: SampleConfig, first_block: int = 0
+    estimate: BlockEstimate, seq_len: int, config: SampleConfig, first_block: int = 0
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(keep `[B, H, nQ, nKV]` bool, the four BlockMask lists) of `select_blocks`: one Triton
     launch where `layout.use_kernels` (`kernels/select_lists.py`), else `select_blocks` and
     `block_mask.keep_lists`."""
+    est = estimate.mass
     if use_kernels(config, est.device):
         from flexsample.kernels.select_lists import MAX_KV_BLOCKS, triton_select_lists
 
         if est.shape[-1] <= MAX_KV_BLOCKS:
-            return triton_select_lists(
-                est,
-                seq_len,
-                config.q_block,
-                config.kv_block,
-                config.alpha,
-                config.local_blocks,
-                first_block,
-            )
-    keep = select_blocks(est, seq_len, config, first_block)
+            return triton_select_lists(estimate, seq_len, config, first_block)
+    keep = select_blocks(estimate, seq_len, config, first_block)
     first_row = torch.arange(first_block, first_block + est.shape[-2], device=est.device)
     return keep, keep_lists(keep, first_row * config.q_block, config.kv_block)
 

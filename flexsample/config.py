@@ -68,9 +68,9 @@ class SampleConfig:
         +4% at 0.358 and the block oracle needs 0.2 to be within 1%; needle in a haystack
         (niah.md) 0.92 / 0.94 / 1 / 1 at 4K-16K against dense 0.94 / 0.96 / 1 / 1 (one prompt
         of 50 at 4K and at 8K, which run dense below min_seq_len anyway); on the structured
-        inputs at 128K (attention.md, H100, FA4) the op's total is 24.3 ms, 10.3x cuDNN
-        (stripes at alpha 0.95 measured 7.1x in an earlier run); the estimate kernel is
-        16.8 ms of it.
+        inputs at 128K (H100, FA4) the op's total was 24.3 ms, 10.3x cuDNN (stripes at
+        alpha 0.95: 7.1x in an earlier run); the estimate kernel is 16.8 ms of it. With
+        `row_threshold` (below) 26.6 ms, 9.28x (attention.md).
     stride: antidiagonal stride s: each s x s cell of the attention matrix is scored by one
         antidiagonal (s query rows against s keys), so scoring costs ~1/s of attention's QK^T.
         A power of two dividing q_block and kv_block. 16: at 128K the estimate kernel takes
@@ -86,6 +86,20 @@ class SampleConfig:
     local_blocks: antidiagonal mode: key blocks kept before each query block's diagonal block
         regardless of the estimate (a local core), an integer >= 0. 1 is a guess (rows at the
         start of a block find their nearest keys in the block before), not swept.
+    row_threshold: antidiagonal mode: None, or c > 0: a key block is also kept (and counts
+        towards alpha) where one strided row of the query block puts at least c times a uniform
+        key block's share, c * kv_block / S, of its own estimated mass (`peak_bar`; ALGORITHM
+        §9). The block-level mass is a mean over the query block's 8 strided rows, so a key
+        block that one row needs (a stripe that row's noise lifts, a band the max-cell score
+        underrates) is diluted 8x below the alpha cut; this is SampleAttention's CRA rule as a
+        maximum over sampled rows at the cost of one more reduction. 7.5: on the structured
+        inputs (CPU, fp32, 8 query / 2 KV heads, D 128, alpha 0.9) row 1st-percentile CRA at
+        128K 0.690 -> 0.895 (density 0.026 -> 0.036; the rule without it needs density 0.10
+        for 0.85), at 32K 0.671 -> 0.877, at 16K 0.750 -> 0.876; c from 5 to 10 within
+        ~0.01, 15 loses ~0.05 at 128K. On the H100 at the Llama-3-8B shape (32 heads,
+        bench/results/mask_build.md): 128K row p1 0.697 -> 0.896 at density 0.028 -> 0.037,
+        op total 9.84x -> 9.28x cuDNN (attention.md); real text (realtext_rows.md): ratio
+        1.00 at density 0.132 -> 0.138, and at alpha 0.8 1.02 -> 1.01.
     """
 
     alpha: float = 0.9
@@ -104,6 +118,7 @@ class SampleConfig:
     stride: int = 16
     cell_score: str = "max"
     local_blocks: int = 1
+    row_threshold: float | None = 7.5
 
     def __post_init__(self) -> None:
         _check_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
@@ -147,6 +162,12 @@ class SampleConfig:
                 f"q_block={self.q_block} and kv_block={self.kv_block}, one of {allowed}"
             )
         _check_int("local_blocks", self.local_blocks, 0)
+        value = self.row_threshold
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"row_threshold={value!r} is not allowed: use None or a finite number > 0"
+            )
         if self.cell_score not in _CELL_SCORES:
             raise ValueError(
                 f"cell_score={self.cell_score!r} is not allowed: use one of {_CELL_SCORES}"
@@ -158,6 +179,13 @@ class SampleConfig:
                         f"{name}={getattr(self, name)!r} is not allowed with "
                         "estimator='antidiagonal' (it selects column stripes): use None"
                     )
+
+    def peak_bar(self, seq_len: int) -> float | None:
+        """The `BlockEstimate.peak` at or above which a key block is kept: `row_threshold`
+        times a uniform key block's share of a row at the end of the sequence (None: off)."""
+        if self.row_threshold is None:
+            return None
+        return self.row_threshold * self.kv_block / max(seq_len, 1)
 
     def window_tokens(self, seq_len: int) -> int:
         """Width `w` of the local window in tokens: ceil(window_ratio * S)."""

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flexsample.antidiagonal import BlockEstimate
 from flexsample.config import SampleConfig
 
 
@@ -157,15 +158,16 @@ def reference_mask(
 
 def reference_antidiagonal_scores(
     q: torch.Tensor, k: torch.Tensor, config: SampleConfig, scale: float | None = None
-) -> torch.Tensor:
-    """ALGORITHM §9, dense: the estimated mass `[B, Hq, nQ, nKV]` (float32) of q `[B, Hq, S, D]`,
-    k `[B, Hkv, S, D]`, from the full `[S, S]` logits.
+) -> BlockEstimate:
+    """ALGORITHM §9, dense: the estimate (mass and peak, `[B, Hq, nQ, nKV]` float32 each) of
+    q `[B, Hq, S, D]`, k `[B, Hkv, S, D]`, from the full `[S, S]` logits.
 
     Strided cell (m, n) covers rows m*s + r(m, a) and keys n*s + a for a < s, with
     r(m, a) = s-1-a for even m and (s-a) % s for odd m (one antidiagonal of the s x s cell).
     Its logit is the maximum (`cell_score="max"`) or the mean ("mean") of the scaled
     logits over its cells with row < S and key <= row, -inf without any; each strided row's
-    softmax (zero if it has no finite logit) is summed into (query block, key block).
+    softmax (zero if it has no finite logit) is summed over each key block's keys: the
+    mass sums that over the query block's strided rows, the peak is its largest.
     """
     batch, heads, seq_len, _ = q.shape
     s = config.stride
@@ -189,21 +191,27 @@ def reference_antidiagonal_scores(
     first = torch.arange(num_strided, device=q.device) * s
     to_q = F.one_hot(first // config.q_block, math.ceil(seq_len / config.q_block)).double()
     to_kv = F.one_hot(first // config.kv_block, math.ceil(seq_len / config.kv_block)).double()
-    return torch.einsum("bhmn,mq,nk->bhqk", probs, to_q, to_kv).float()
+    row_block = torch.einsum("bhmn,nk->bhmk", probs, to_kv)  # each strided row's key blocks
+    mass = torch.einsum("bhmk,mq->bhqk", row_block, to_q)
+    owner = first // config.q_block
+    peak = torch.stack([row_block[:, :, owner == qb].amax(2) for qb in range(to_q.shape[1])], 2)
+    return BlockEstimate(mass.float(), peak.float())
 
 
 def reference_antidiagonal_select(
-    est: torch.Tensor, seq_len: int, config: SampleConfig
+    estimate: BlockEstimate, seq_len: int, config: SampleConfig
 ) -> torch.Tensor:
     """ALGORITHM §9 selection, one query block at a time: kept blocks `[B, H, nQ, nKV]` (bool).
 
     Query block qb keeps key block 0, the blocks from `first(qb) // kv_block - local_blocks`
-    to the last causal one, then other causal blocks by descending estimate (ties: lower index
-    first) until the kept estimate reaches `alpha` of the row's causal total; alpha = 1 or a
-    row with no estimate keeps every causal block. Each estimate (as float32) counts in whole
+    to the last causal one and (with `row_threshold`) every causal block whose peak is at
+    least `row_threshold * kv_block / S`, then other causal blocks by descending mass (ties:
+    lower index first) until the kept mass reaches `alpha` of the row's causal total; alpha = 1
+    or a row with no estimate keeps every causal block. Each estimate (as float32) counts in whole
     units of 2^-32 of 2^e, the row's largest being below 2^e (`math.frexp`), truncated:
     integer sums.
     """
+    est = estimate.mass
     batch, heads, num_q, num_kv = est.shape
     keep = torch.zeros_like(est, dtype=torch.bool)
     for qb in range(num_q):
@@ -216,15 +224,19 @@ def reference_antidiagonal_select(
         forced &= causal
         for b in range(batch):
             for h in range(heads):
+                flagged = forced.clone()
+                if config.row_threshold is not None:
+                    peak_bar = config.row_threshold * config.kv_block / seq_len
+                    flagged |= causal & (estimate.peak[b, h, qb].double() >= peak_bar)
                 row = torch.where(causal, est[b, h, qb].float().double(), 0.0).tolist()
                 exp = math.frexp(max(row))[1] if max(row) > 0 else 0
                 units = [int(math.ldexp(x, 32 - exp)) for x in row]
                 total = sum(units)
-                kept = sum(u for u, f in zip(units, forced.tolist(), strict=True) if f)
+                kept = sum(u for u, f in zip(units, flagged.tolist(), strict=True) if f)
                 bar = config.alpha * total if config.alpha < 1.0 and total > 0 else math.inf
-                others = [0 if f else u for u, f in zip(units, forced.tolist(), strict=True)]
+                others = [0 if f else u for u, f in zip(units, flagged.tolist(), strict=True)]
                 chosen = _prefix(torch.tensor(others), kept, bar, num_kv)
-                keep[b, h, qb] = (chosen.to(est.device) | forced) & causal
+                keep[b, h, qb] = (chosen.to(est.device) | flagged) & causal
     return keep
 
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import flexsample.antidiagonal as antidiagonal
 from flexsample import SampleConfig, sample_attention, sample_block_mask
-from flexsample.antidiagonal import antidiagonal_scores, select_blocks
+from flexsample.antidiagonal import BlockEstimate, antidiagonal_scores, select_blocks
 from flexsample.block_mask import kept_blocks
-from flexsample.metrics import block_density, block_mass, true_cra
+from flexsample.metrics import block_density, block_mass, causal_probs, true_cra
 from flexsample.op import config_to_str
 from flexsample.reference import (
     reference_antidiagonal_scores,
@@ -36,6 +36,7 @@ def antidiagonal_configs(draw, **fixed) -> SampleConfig:
         "stride": draw(st.sampled_from([1, 2, 4, 8, 16])),
         "local_blocks": draw(st.sampled_from([0, 1, 3])),
         "cell_score": draw(st.sampled_from(["max", "mean"])),
+        "row_threshold": draw(st.sampled_from([None, 0.5, 2.0, 7.5])),
     }
     return draw(configs(**(fields | fixed)))
 
@@ -55,14 +56,32 @@ def test_estimate_matches_the_reference(inputs, config, chunk_elements):
     scale = q.shape[-1] ** -0.5
     got = antidiagonal_scores(q, k, config, scale, chunk_elements=chunk_elements)
     want = reference_antidiagonal_scores(q, k, config, scale)
-    err = rel_rms(got, want)
-    assert err <= ANTIDIAG_REL_RMS[config.cell_score][q.dtype], f"relative RMS error {err:.3g}"
-    assert got.dtype == torch.float32 and (got >= 0).all()
+    bound = ANTIDIAG_REL_RMS[config.cell_score][q.dtype]
+    for name in BlockEstimate._fields:
+        err = rel_rms(getattr(got, name), getattr(want, name))
+        assert err <= bound, f"{name}: relative RMS error {err:.3g}"
+    mass, peak = got
+    assert mass.dtype == peak.dtype == torch.float32 and (peak >= 0).all()
+    # One strided row's share is at most 1 and at most the sum over the block's rows.
+    assert (peak <= 1 + 1e-5).all() and (peak <= mass * (1 + 1e-5) + 1e-7).all()
     seq_len, s = q.shape[2], config.stride
     if seq_len >= s:  # each strided row with a real row sums to one over its key blocks
-        first = torch.arange(got.shape[-2]) * config.q_block
+        first = torch.arange(mass.shape[-2]) * config.q_block
         rows = torch.clamp(seq_len - first, max=config.q_block)
-        torch.testing.assert_close(got.sum(-1), (rows / s).ceil().expand_as(got[..., 0]))
+        torch.testing.assert_close(mass.sum(-1), (rows / s).ceil().expand_as(mass[..., 0]))
+
+
+def test_a_wrong_peak_fails_the_estimate_check():
+    """The peak check can fail: the mean over the block's strided rows (what the mass gives)
+    and the sum are both far from the largest row's share."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 250, 32, generator=gen) * 2, torch.randn(1, 2, 250, 32, generator=gen)
+    config = SampleConfig(estimator="antidiagonal", stride=8, q_block=32, kv_block=32)
+    mass, peak = reference_antidiagonal_scores(q, k, config, 32**-0.5)
+    bound = ANTIDIAG_REL_RMS["max"][torch.float32]
+    assert rel_rms(antidiagonal_scores(q, k, config, 32**-0.5).peak, peak) <= bound
+    for wrong in (mass / 4, mass):
+        assert rel_rms(wrong, peak) > 30 * bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,10 +105,10 @@ def test_planted_bugs_fail_the_estimate_check(dtype, bug, patch, cell_score):
         estimator="antidiagonal", stride=8, q_block=32, kv_block=32, cell_score=cell_score
     )
     bound = ANTIDIAG_REL_RMS[cell_score][dtype]
-    want = reference_antidiagonal_scores(q, k, config, 32**-0.5)
-    assert rel_rms(antidiagonal_scores(q, k, config, 32**-0.5), want) <= bound
+    want = reference_antidiagonal_scores(q, k, config, 32**-0.5).mass
+    assert rel_rms(antidiagonal_scores(q, k, config, 32**-0.5).mass, want) <= bound
     with mock.patch.object(antidiagonal, *patch):
-        err = rel_rms(antidiagonal_scores(q, k, config, 32**-0.5), want)
+        err = rel_rms(antidiagonal_scores(q, k, config, 32**-0.5).mass, want)
     assert err > 3 * bound, f"{bug}: {err:.3g}"
 
 
@@ -97,19 +116,27 @@ def test_stride_one_is_the_exact_block_mass():
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 4, 77, 16, generator=gen), torch.randn(2, 2, 77, 16, generator=gen)
     config = SampleConfig(estimator="antidiagonal", stride=1, q_block=16, kv_block=32)
-    exact = block_mass(q, k, config, 0.25)
-    torch.testing.assert_close(antidiagonal_scores(q, k, config, 0.25), exact)
+    got = antidiagonal_scores(q, k, config, 0.25)
+    torch.testing.assert_close(got.mass, block_mass(q, k, config, 0.25))
+    # The peak: the largest of the block's rows' exact masses in the key block.
+    probs = torch.cat([p for _, p in causal_probs(q, k, 0.25)], 2)
+    per_row = torch.nn.functional.pad(probs, (0, 96 - 77)).unflatten(-1, (3, 32)).sum(-1)
+    per_row = torch.nn.functional.pad(per_row, (0, 0, 0, 80 - 77))  # rows past S: no mass
+    torch.testing.assert_close(got.peak, per_row.unflatten(2, (5, 16)).amax(3))
 
 
 @given(qkv(dtypes=(torch.float32,)), antidiagonal_configs())
 def test_selection_matches_reference_and_reaches_alpha_minimally(inputs, config):
     q, k, _ = inputs
     seq_len = q.shape[2]
-    est = reference_antidiagonal_scores(q, k, config)
-    keep = select_blocks(est, seq_len, config)
-    assert torch.equal(keep, reference_antidiagonal_select(est, seq_len, config))
-    num_q, num_kv = est.shape[-2:]
-    for qb in range(num_q):
+    estimate = reference_antidiagonal_scores(q, k, config)
+    keep = select_blocks(estimate, seq_len, config)
+    assert torch.equal(keep, reference_antidiagonal_select(estimate, seq_len, config))
+    est = estimate.mass
+    flagged = torch.zeros_like(keep)
+    if config.row_threshold is not None:
+        flagged = estimate.peak >= config.row_threshold * config.kv_block / seq_len
+    for qb in range(est.shape[-2]):
         first = qb * config.q_block
         last_causal = (min(first + config.q_block, seq_len) - 1) // config.kv_block
         local = max(0, first // config.kv_block - config.local_blocks)
@@ -117,6 +144,8 @@ def test_selection_matches_reference_and_reaches_alpha_minimally(inputs, config)
         row, kept = est[..., qb, :].double(), keep[..., qb, :]
         assert kept[..., forced + [0]].all(), "diagonal, local core and sink kept"
         assert not kept[..., last_causal + 1 :].any(), "causal"
+        causal = slice(0, last_causal + 1)
+        assert kept[..., causal][flagged[..., qb, causal]].all(), "a strided row's peak kept"
         total = row[..., : last_causal + 1].sum(-1)
         mass = (row * kept).sum(-1)
         if config.alpha >= 1.0:
@@ -124,7 +153,7 @@ def test_selection_matches_reference_and_reaches_alpha_minimally(inputs, config)
             continue
         assert (mass >= config.alpha * total - 1e-9).all(), "kept estimate reaches alpha"
         # Minimality: dropping the smallest chosen (not forced) block falls below alpha.
-        chosen = kept.clone()
+        chosen = kept & ~flagged[..., qb, :]
         chosen[..., forced + [0]] = False
         smallest = torch.where(chosen, row, math.inf).amin(-1)
         has = chosen.any(-1)
@@ -231,7 +260,12 @@ def test_cell_max_keeps_the_heavy_keys_that_the_mean_damps():
 
     def cra(cell_score):
         config = SampleConfig(
-            estimator="antidiagonal", alpha=0.95, q_block=64, kv_block=64, cell_score=cell_score
+            estimator="antidiagonal",
+            alpha=0.95,
+            q_block=64,
+            kv_block=64,
+            cell_score=cell_score,
+            row_threshold=None,  # the block-level estimate alone
         )
         keep = select_blocks(antidiagonal_scores(q, k, config, 64**-0.5), q.shape[2], config)
         return true_cra(q, k, keep, config)
@@ -250,20 +284,20 @@ def test_a_range_of_query_blocks_reads_only_their_rows(blocks, cell_score):
     q = torch.randn(2, 4, 1000, 16, generator=gen) * 2
     k = torch.randn(2, 2, 1000, 16, generator=gen)
     config = SampleConfig(estimator="antidiagonal", q_block=64, kv_block=32, cell_score=cell_score)
-    full = antidiagonal_scores(q, k, config, 0.25)
     first, end = blocks
+    full = BlockEstimate(*(x[:, :, first:end] for x in antidiagonal_scores(q, k, config, 0.25)))
     masked = q.clone()
     masked[:, :, : first * 64] = float("nan")
     masked[:, :, end * 64 :] = float("nan")
     for chunk in (1, 1 << 27):
         got = antidiagonal_scores(q, k, config, 0.25, q_blocks=blocks, chunk_elements=chunk)
-        torch.testing.assert_close(got, full[:, :, first:end])
+        torch.testing.assert_close(got, full)
         got = antidiagonal_scores(masked, k, config, 0.25, q_blocks=blocks, chunk_elements=chunk)
-        torch.testing.assert_close(got, full[:, :, first:end])
+        torch.testing.assert_close(got, full)
     # Only the blocks' rows, in place: what a context-parallel rank holds.
     rows = q[:, :, first * 64 : end * 64]
     got = antidiagonal_scores(rows, k, config, 0.25, q_blocks=blocks, q_row0=first * 64)
-    torch.testing.assert_close(got, full[:, :, first:end])
+    torch.testing.assert_close(got, full)
     with pytest.raises(ValueError, match="q holds rows"):
         antidiagonal_scores(rows[:, :, 1:], k, config, 0.25, q_blocks=blocks, q_row0=first * 64)
     with pytest.raises(ValueError, match=r"q_blocks=\(3, 3\) is not allowed"):
@@ -279,6 +313,11 @@ def test_antidiagonal_options_are_checked():
         SampleConfig(estimator="antidiagonal", cell_score="sum")
     with pytest.raises(ValueError, match=r"stride=32 .* q_block=16 and kv_block=64, one of"):
         SampleConfig(stride=32, q_block=16, kv_block=64)
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "7.5"):
+        with pytest.raises(ValueError, match=r"row_threshold=.* use None or a finite number > 0"):
+            SampleConfig(row_threshold=bad)
+    assert SampleConfig(row_threshold=None).peak_bar(4096) is None
+    assert SampleConfig(row_threshold=8, kv_block=64).peak_bar(4096) == 0.125
 
 
 @pytest.mark.slow
@@ -296,3 +335,23 @@ def test_mask_build_compiles_fullgraph_without_recompiles():
         q, k = torch.randn(1, 4, 100, 16, generator=gen), torch.randn(1, 2, 100, 16, generator=gen)
         assert torch.equal(compiled(q, k), kept_blocks(sample_block_mask(q, k, config)))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_row_peaks_lift_the_worst_rows_at_little_density():
+    """Structured inputs (8K, 8 query / 2 KV heads, D 128, the default blocks and stride):
+    a key block that one strided row needs is diluted 8x in the block-level mass; keeping
+    the blocks of a row's peak lifts the worst 1% of rows far more than the density it adds
+    (ALGORITHM §9, "Row peaks")."""
+    inputs = structured_qkv(1, 8, 2, 8192, 128, seed=0)
+    q, k = inputs.q, inputs.k
+    rows = torch.arange(0, 8192, 4)
+
+    def measure(row_threshold):
+        config = SampleConfig(row_threshold=row_threshold, min_seq_len=0)
+        keep = select_blocks(antidiagonal_scores(q, k, config, 128**-0.5), 8192, config)
+        cra = true_cra(q, k, keep, config, rows=rows)
+        return block_density(keep, 8192, 8192, 128, 128).mean(), cra.quantile(0.01)
+
+    (plain, plain_p1), (peaks, peaks_p1) = measure(None), measure(7.5)
+    assert peaks_p1 >= 0.8 and plain_p1 < 0.72, (plain_p1, peaks_p1)
+    assert peaks < 1.1 * plain, (plain, peaks)

@@ -11,7 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flexsample import SampleConfig
-from flexsample.antidiagonal import CHUNK_ELEMENTS, antidiagonal_scores, torch_antidiagonal_scores
+from flexsample.antidiagonal import (
+    CHUNK_ELEMENTS,
+    BlockEstimate,
+    antidiagonal_scores,
+    torch_antidiagonal_scores,
+)
 from flexsample.kernels import antidiagonal as kernels
 from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
 from flexsample.reference import reference_antidiagonal_scores
@@ -29,18 +34,27 @@ def _scores(q, k, config, scale, **launch):
 
 
 def _check(got, q, k, config, scale):
-    """`got` matches the reference; each strided row with a real row sums to one; zeros above
-    the diagonal."""
-    err = rel_rms(got, reference_antidiagonal_scores(q, k, config, scale))
-    assert err <= ANTIDIAG_KERNEL_REL_RMS, f"relative RMS error {err:.3g}"
+    """`got` (mass and peak) matches the reference; each strided row with a real row sums to
+    one; zeros above the diagonal; a peak is a share, at most 1."""
+    want = reference_antidiagonal_scores(q, k, config, scale)
+    for name in BlockEstimate._fields:
+        err = rel_rms(getattr(got, name), getattr(want, name))
+        assert err <= ANTIDIAG_KERNEL_REL_RMS, f"{name}: relative RMS error {err:.3g}"
+    mass, peak = got
     seq_len, s = q.shape[2], config.stride
-    first = torch.arange(got.shape[-2], device=q.device) * config.q_block
+    first = torch.arange(mass.shape[-2], device=q.device) * config.q_block
     rows = torch.clamp(seq_len - first, max=config.q_block)
     if seq_len >= s:
-        torch.testing.assert_close(got.sum(-1), (rows / s).ceil().expand_as(got[..., 0]))
+        torch.testing.assert_close(mass.sum(-1), (rows / s).ceil().expand_as(mass[..., 0]))
     last_block = (first + rows - 1) // config.kv_block
-    future = torch.arange(got.shape[-1], device=q.device) > last_block[:, None]
-    assert (got[..., future] == 0).all() and (got >= 0).all()
+    future = torch.arange(mass.shape[-1], device=q.device) > last_block[:, None]
+    for x in got:
+        assert (x[..., future] == 0).all() and (x >= 0).all()
+    assert (peak <= 1 + 1e-5).all()
+
+
+def _rows(estimate: BlockEstimate, first: int, end: int) -> BlockEstimate:
+    return BlockEstimate(*(x[:, :, first:end] for x in estimate))
 
 
 @given(
@@ -131,8 +145,10 @@ def test_the_estimate_takes_the_kernel_where_use_kernels(backend, kernel):
     q = torch.randn(1, 4, 90, 16, generator=gen).to(DEVICE)
     k = torch.randn(1, 2, 90, 16, generator=gen).to(DEVICE)
     config = SampleConfig(estimator="antidiagonal", q_block=16, kv_block=32, score_backend=backend)
-    with mock.patch.object(kernels, "antidiagonal_block_scores", return_value="kernel"):
-        assert (antidiagonal_scores(q, k, config, 0.25) == "kernel") is kernel
+    result = torch.zeros(2, 1, 4, 6, 3, device=DEVICE)
+    with mock.patch.object(kernels, "antidiagonal_block_scores", return_value=result) as spy:
+        antidiagonal_scores(q, k, config, 0.25)
+    assert spy.call_count == kernel
 
 
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
@@ -154,10 +170,10 @@ def test_a_range_of_query_blocks_reads_only_their_rows(cell_score):
         masked[:, :, : first * 16] = float("nan")
         masked[:, :, end * 16 :] = float("nan")
         got = _scores(masked, k, config, 0.2, q_blocks=(first, end), **launch)
-        torch.testing.assert_close(got, full[:, :, first:end])
+        torch.testing.assert_close(got, _rows(full, first, end))
         rows = q[:, :, first * 16 : end * 16]  # only the blocks' rows, in place
         got = _scores(rows, k, config, 0.2, q_blocks=(first, end), q_row0=first * 16, **launch)
-        torch.testing.assert_close(got, full[:, :, first:end])
+        torch.testing.assert_close(got, _rows(full, first, end))
 
 
 def test_scores_do_not_depend_on_memory_layout():
@@ -213,10 +229,10 @@ def test_planted_bugs_fail_the_kernel_check(dtype, cell_score, patch):
     q = (torch.randn(1, 4, 250, 32, generator=gen) * 2).to(dtype)
     k = torch.randn(1, 2, 250, 32, generator=gen).to(dtype)
     config = SampleConfig(estimator="antidiagonal", q_block=32, kv_block=32, cell_score=cell_score)
-    want = reference_antidiagonal_scores(q, k, config, 32**-0.5)
-    assert rel_rms(_scores(q, k, config, 32**-0.5), want) <= ANTIDIAG_KERNEL_REL_RMS
+    want = reference_antidiagonal_scores(q, k, config, 32**-0.5).mass
+    assert rel_rms(_scores(q, k, config, 32**-0.5).mass, want) <= ANTIDIAG_KERNEL_REL_RMS
     with mock.patch.object(kernels, *patch):
-        err = rel_rms(_scores(q, k, config, 32**-0.5), want)
+        err = rel_rms(_scores(q, k, config, 32**-0.5).mass, want)
     assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"{patch[0]}: {err:.3g}"
 
 
@@ -237,8 +253,9 @@ def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score):
     scale = 128**-0.5
     got = antidiagonal_scores(q, k, config, scale)  # auto on CUDA: the kernel
     want = torch_antidiagonal_scores(q.float(), k.float(), config, scale)
-    err = rel_rms(got, want)
-    assert err <= ANTIDIAG_KERNEL_REL_RMS, f"relative RMS error {err:.3g}"
+    for name in BlockEstimate._fields:
+        err = rel_rms(getattr(got, name), getattr(want, name))
+        assert err <= ANTIDIAG_KERNEL_REL_RMS, f"{name}: relative RMS error {err:.3g}"
     torch.testing.assert_close(
-        got.sum(-1)[..., :-1], torch.full_like(got[..., :-1, 0], 128 / stride)
+        got.mass.sum(-1)[..., :-1], torch.full_like(got.mass[..., :-1, 0], 128 / stride)
     )

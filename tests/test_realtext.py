@@ -242,14 +242,14 @@ def test_evaluation_runs_every_method_on_a_tiny_model(checkpoint):
     assert rows["oracle blocks d=0.3"]["density"] >= 0.3
     for name in ("stripes a=0.95", "stripes a=0.95 tile_alpha=0.5"):  # the published selection
         assert rows[name]["sparse calls"] == 2 * 2 and 0.0 < rows[name]["density"] <= 1.0
-    antidiag = rows["flexsample antidiag max a=0.9 s=8"]
+    antidiag = rows["flexsample antidiag max a=0.9 s=8 r=7.5"]
     assert antidiag["sparse calls"] == 2 * 2 and 0.0 < antidiag["density"] <= 1.0
     layers = data["tables"][1]["rows"]
     assert {row["layer"] for row in layers} == {0, 1}
     by_method = {(row["layer"], row["method"]): row for row in layers}
     for layer in (0, 1):
-        mine = by_method[layer, "flexsample antidiag max a=0.9 s=8"]
-        oracle = by_method[layer, "oracle blocks @antidiag max a=0.9 s=8"]
+        mine = by_method[layer, "flexsample antidiag max a=0.9 s=8 r=7.5"]
+        oracle = by_method[layer, "oracle blocks @antidiag max a=0.9 s=8 r=7.5"]
         assert oracle["density"] == pytest.approx(mine["density"], abs=0.05)
     for row in layers:
         assert 0.0 < row["CRA mean"] <= 1.0 + 1e-6 and row["density min head"] <= row["density"]

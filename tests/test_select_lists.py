@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flexsample import SampleConfig
-from flexsample.antidiagonal import select_blocks, selected_lists
+from flexsample.antidiagonal import BlockEstimate, select_blocks, selected_lists
 from flexsample.block_mask import keep_lists
 from flexsample.kernels import select_lists as kernels
 from flexsample.kernels.select_lists import triton_select_lists
@@ -23,8 +23,9 @@ LIST_NAMES = ("kv_num", "kv_idx", "full_num", "full_idx")
 
 @st.composite
 def estimates(draw):
-    """(est `[B, H, nQ, nKV]` float32 of query blocks first.., seq_len, config, first): smooth
-    values, heavy-tailed ones, few distinct levels (ties), all-zero and tiny rows."""
+    """(estimate of query blocks first.. (`[B, H, nQ, nKV]` float32 mass and peak), seq_len,
+    config, first): smooth values, heavy-tailed ones, few distinct levels (ties), all-zero and
+    tiny rows; peaks up to the mass, some exactly at `peak_bar`."""
     q_block = draw(st.sampled_from([16, 32, 64, 128]))
     kv_block = draw(st.sampled_from([16, 32, 64, 128]))
     seq_len = draw(st.integers(1, 1500))
@@ -49,20 +50,32 @@ def estimates(draw):
         kv_block=kv_block,
         alpha=draw(st.sampled_from([0.3, 0.5, 0.75, 0.8, 0.9, 0.95, 1.0])),
         local_blocks=draw(st.integers(0, 2)),
+        row_threshold=draw(st.sampled_from([None, 0.5, 2.0, 7.5])),
     )
-    return est, seq_len, config, first
+    peak = (est * torch.rand(shape, generator=gen)).clamp(max=1.0)
+    bar = config.peak_bar(seq_len)
+    if bar is not None and bar <= 1:  # ties with the bar, at its float32 rounding
+        at_bar = torch.rand(shape, generator=gen) < 0.1
+        peak = torch.where(at_bar, torch.tensor(bar, dtype=torch.float32), peak)
+    return BlockEstimate(est, peak), seq_len, config, first
 
 
-def _torch_lists(est, seq_len, config, first):
-    keep = select_blocks(est, seq_len, config, first)
-    rows = torch.arange(first, first + est.shape[-2]) * config.q_block
-    return keep, keep_lists(keep, rows.to(est.device), config.kv_block)
+def _on(estimate: BlockEstimate, device) -> BlockEstimate:
+    return BlockEstimate(*(x.to(device) for x in estimate))
 
 
-def _kernel_lists(est, seq_len, config, first):
-    return triton_select_lists(
-        est, seq_len, config.q_block, config.kv_block, config.alpha, config.local_blocks, first
-    )
+def _zero_peak(est: torch.Tensor) -> BlockEstimate:
+    return BlockEstimate(est, torch.zeros_like(est))
+
+
+def _torch_lists(estimate, seq_len, config, first):
+    keep = select_blocks(estimate, seq_len, config, first)
+    rows = torch.arange(first, first + keep.shape[-2]) * config.q_block
+    return keep, keep_lists(keep, rows.to(keep.device), config.kv_block)
+
+
+def _kernel_lists(estimate, seq_len, config, first):
+    return triton_select_lists(estimate, seq_len, config, first)
 
 
 def _assert_equal(got, want):
@@ -75,7 +88,7 @@ def _assert_equal(got, want):
 @given(estimates())
 def test_kernel_equals_the_pytorch_path(case):
     est, seq_len, config, first = case
-    est = est.to(DEVICE)
+    est = _on(est, DEVICE)
     _assert_equal(
         _kernel_lists(est, seq_len, config, first), _torch_lists(est, seq_len, config, first)
     )
@@ -87,13 +100,14 @@ def test_pytorch_path_equals_the_reference(case):
     (it selects from query block 0; the blocks before `first` get other rows)."""
     est, seq_len, config, first = case
     gen = torch.Generator().manual_seed(first)
-    before = torch.rand(*est.shape[:2], first, est.shape[-1], generator=gen)
-    want = reference_antidiagonal_select(torch.cat([before, est], 2), seq_len, config)
+    before = torch.rand(*est.mass.shape[:2], first, est.mass.shape[-1], generator=gen)
+    whole = BlockEstimate(*(torch.cat([before, x], 2) for x in est))
+    want = reference_antidiagonal_select(whole, seq_len, config)
     assert torch.equal(select_blocks(est, seq_len, config, first), want[:, :, first:])
 
 
 def test_selected_lists_takes_the_kernel_where_use_kernels():
-    est = torch.rand(1, 2, 8, 8, device=DEVICE)
+    est = _zero_peak(torch.rand(1, 2, 8, 8, device=DEVICE))
     for backend, calls in (("torch", 0), ("triton", 1)):
         config = SampleConfig(
             estimator="antidiagonal", q_block=16, kv_block=16, score_backend=backend
@@ -119,7 +133,7 @@ def _cut_without_tie_order(units, other, covered, bar):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="patches a kernel helper: interpreter only")
 def test_planted_tie_bug_fails_the_check():
-    est = torch.full((1, 1, 8, 8), 0.25, device=DEVICE)  # every block ties
+    est = _zero_peak(torch.full((1, 1, 8, 8), 0.25, device=DEVICE))  # every block ties
     config = SampleConfig(
         estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
     )
@@ -139,9 +153,10 @@ def test_alpha_reaches_the_kernel_in_float64():
     config = SampleConfig(
         estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.9
     )
-    got = _kernel_lists(est.to(DEVICE), 48, config, 0)
+    est = _zero_peak(est.to(DEVICE))
+    got = _kernel_lists(est, 48, config, 0)
     assert got[0][0, 0, 2].tolist() == [True, True, True]
-    _assert_equal(got, _torch_lists(est.to(DEVICE), 48, config, 0))
+    _assert_equal(got, _torch_lists(est, 48, config, 0))
 
 
 @pytest.mark.parametrize(
@@ -162,27 +177,69 @@ def test_pinned_rows_at_alpha_one_half_keep_one_block(row):
     config = SampleConfig(
         estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
     )
-    got = _kernel_lists(est.to(DEVICE), 64, config, 0)
+    est = _zero_peak(est)
+    got = _kernel_lists(_on(est, DEVICE), 64, config, 0)
     assert got[0][0, 0, 3].tolist() == [True, True, False, True]
-    _assert_equal(got, _torch_lists(est.to(DEVICE), 64, config, 0))
+    _assert_equal(got, _torch_lists(_on(est, DEVICE), 64, config, 0))
     assert torch.equal(reference_antidiagonal_select(est, 64, config), got[0].cpu())
 
 
+@pytest.mark.parametrize("peak, kept", [(0.25, True), (0.2499999850988388, False)])
+def test_a_peak_at_the_bar_is_kept_and_one_below_is_not(peak, kept):
+    """row_threshold 1 at S 64, blocks of 16: bar 0.25; the sink and diagonal blocks reach
+    alpha, so block 1 is kept for its peak only: at the bar, not one float32 step below it."""
+    est = torch.zeros(1, 1, 4, 4)
+    est[0, 0, 3] = torch.tensor([0.0, 0.25, 1.0, 2.0])
+    peaks = torch.zeros_like(est)
+    peaks[0, 0, 3, 1] = peak
+    config = SampleConfig(
+        estimator="antidiagonal",
+        q_block=16,
+        kv_block=16,
+        local_blocks=0,
+        alpha=0.5,
+        row_threshold=1.0,
+    )
+    estimate = BlockEstimate(est, peaks)
+    got = _kernel_lists(_on(estimate, DEVICE), 64, config, 0)
+    assert got[0][0, 0, 3].tolist() == [True, kept, False, True]
+    _assert_equal(got, _torch_lists(_on(estimate, DEVICE), 64, config, 0))
+    assert torch.equal(reference_antidiagonal_select(estimate, 64, config), got[0].cpu())
+
+
 def test_more_key_blocks_than_the_kernel_holds_is_a_clear_error():
-    est = torch.zeros(1, 1, 1, kernels.MAX_KV_BLOCKS + 1, device=DEVICE)
+    est = _zero_peak(torch.zeros(1, 1, 1, kernels.MAX_KV_BLOCKS + 1, device=DEVICE))
     with pytest.raises(ValueError, match="at most 8192"):
-        _kernel_lists(est, 128 * est.shape[-1], SampleConfig(estimator="antidiagonal"), 0)
+        _kernel_lists(est, 128 * est.mass.shape[-1], SampleConfig(estimator="antidiagonal"), 0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seq_len", [32768 - 77, 131072, 1048576])
 def test_gpu_kernel_equals_the_pytorch_path_at_real_sizes(seq_len):
-    """Hq 32 (8 at 1M), a softmax-shaped estimate: the rows sum to their strided rows."""
+    """Hq 32 (8 at 1M), a softmax-shaped estimate: the rows sum to their strided rows, and each
+    peak lies between the mean and the sum of the 8 rows' shares (some at the bar)."""
+    _assert_equal(*_lists_at_real_size(seq_len, "cuda"))
+
+
+def _lists_at_real_size(seq_len: int, device: str):
     config = SampleConfig()
     heads = 32 if seq_len <= 131072 else 8
     num_q = num_kv = -(-seq_len // 128)
-    gen = torch.Generator(device="cuda").manual_seed(seq_len)
-    logits = torch.randn(1, heads, num_q, num_kv, device="cuda", generator=gen) * 3
-    causal = torch.arange(num_kv, device="cuda") <= torch.arange(num_q, device="cuda")[:, None]
-    est = logits.masked_fill(~causal, float("-inf")).softmax(-1) * (128 // config.stride)
-    _assert_equal(_kernel_lists(est, seq_len, config, 0), _torch_lists(est, seq_len, config, 0))
+    rows = 128 // config.stride
+    gen = torch.Generator(device=device).manual_seed(seq_len)
+    logits = torch.randn(1, heads, num_q, num_kv, device=device, generator=gen) * 3
+    causal = torch.arange(num_kv, device=device) <= torch.arange(num_q, device=device)[:, None]
+    est = logits.masked_fill(~causal, float("-inf")).softmax(-1) * rows
+    spread = 1 + (rows - 1) * torch.rand(est.shape, device=device, generator=gen)
+    peak = (est / rows * spread).clamp(max=1.0)
+    at_bar = torch.rand(est.shape, device=device, generator=gen) < 0.01
+    peak = torch.where(at_bar & causal, config.peak_bar(seq_len), peak).float()
+    estimate = BlockEstimate(est, peak)
+    return _kernel_lists(estimate, seq_len, config, 0), _torch_lists(estimate, seq_len, config, 0)
+
+
+def test_real_size_case_runs_in_the_interpreter():
+    """The GPU test's case at a small size (the interpreter), so its set-up runs in CI."""
+    got, want = _lists_at_real_size(1000, "cpu")
+    _assert_equal(got, want)
+    assert got[0].sum() > want[0].shape[-2]  # more than the diagonal blocks kept

@@ -16,7 +16,7 @@ read through k's strides. Two launches per chunk of strided rows:
    row's online (max, sum), stored per row;
 2. `_block_mass_kernel`: one program per (batch, head, query block) sums
    `exp2(lse_sub - lse_row)` over the query block's strided rows and each key block's
-   sub-blocks: the estimate.
+   sub-blocks: the estimate's mass; the largest of the rows' own sums is its peak.
 
 Masks: under "max" the causal and past-S masks and the scale, applied to each segment's
 `[rows, keys]` dots, cost about as much as the dot (sm_90 SASS: ~8 instructions an element a
@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from flexsample.antidiagonal import BlockEstimate
 from flexsample.config import SampleConfig
 
 #: Rows per program (group heads x strided rows), strided keys per tile, s*D elements per dot
@@ -384,6 +385,7 @@ def _block_mass_kernel(
     BLOCK_LSE,
     ROW_LSE,
     EST,
+    PEAK,
     row_end,
     row0,
     q_block0,
@@ -404,11 +406,12 @@ def _block_mass_kernel(
     last = tl.minimum(first + PER_Q, row_end)
     num_sub = (last - 1) // SUB + 1  # sub-blocks with a key causal for the block's last row
     # EST holds query blocks out_q0 .. out_q0 + out_q - 1 (a context-parallel chunk's).
-    out = EST + (bh.to(tl.int64) * out_q + qb - out_q0) * num_kv
+    out = (bh.to(tl.int64) * out_q + qb - out_q0) * num_kv
     offs_j = tl.arange(0, BLOCK_J)
     for j0 in range(0, num_sub, BLOCK_J):
         j = j0 + offs_j
         mass = tl.zeros([BLOCK_J], tl.float32)
+        peak = tl.zeros([BLOCK_J // SUBS], tl.float32)
         for r0 in range(first, last, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             rows = bh.to(tl.int64) * chunk_rows + (r - row0)
@@ -418,10 +421,14 @@ def _block_mass_kernel(
             lse_sub = tl.load(
                 BLOCK_LSE + rows[:, None] * width + j[None, :], mask=ok, other=float("-inf")
             )
-            mass += tl.sum(tl.where(ok, tl.exp2(lse_sub - lse[:, None]), 0.0), 0)
+            share = tl.where(ok, tl.exp2(lse_sub - lse[:, None]), 0.0)
+            mass += tl.sum(share, 0)
+            row_block = tl.sum(tl.reshape(share, (BLOCK_R, BLOCK_J // SUBS, SUBS)), 2)
+            peak = tl.maximum(peak, tl.max(row_block, 0))
         kb = j0 // SUBS + tl.arange(0, BLOCK_J // SUBS)
         block_mass = tl.sum(tl.reshape(mass, (BLOCK_J // SUBS, SUBS)), 1)
-        tl.store(out + kb, block_mass, mask=kb * SUBS < num_sub)
+        tl.store(EST + out + kb, block_mass, mask=kb * SUBS < num_sub)
+        tl.store(PEAK + out + kb, peak, mask=kb * SUBS < num_sub)
 
 
 @triton_op("flexsample::antidiagonal_scores", mutates_args=())
@@ -444,7 +451,8 @@ def antidiagonal_block_scores(
     q_row0: int,
 ) -> torch.Tensor:
     """q `[B, Hq, L, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
-    `[B, Hq, end_q - first_q, nKV]` (fp32, zeros above the diagonal); q holds rows q_row0..
+    its mass and peak stacked, `[2, B, Hq, end_q - first_q, nKV]` (fp32, zeros above the
+    diagonal); q holds rows q_row0..
     q_row0 + L - 1 and is read at the blocks' rows only. Strided rows are launched in chunks
     whose scratch holds at most `chunk_elements` floats (or one query block / tile of rows,
     whichever is more); the other arguments are the first kernel's launch parameters."""
@@ -463,7 +471,7 @@ def antidiagonal_block_scores(
     chunk_rows = max(unit, chunk_elements // (batch * heads * width) // unit * unit)
     row_lo, row_hi = first_q * per_q, min(end_q * per_q, num_strided)
     chunk_rows = min(chunk_rows, triton.cdiv(row_hi - row_lo, unit) * unit)
-    est = torch.zeros(batch, heads, end_q - first_q, num_kv, device=q.device)
+    est = torch.zeros(2, batch, heads, end_q - first_q, num_kv, device=q.device)
     block_lse = torch.empty(batch * heads, chunk_rows, width, device=q.device)
     row_lse = torch.empty(batch * heads, chunk_rows, device=q.device)
     upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
@@ -507,7 +515,8 @@ def antidiagonal_block_scores(
         wrap_triton(_block_mass_kernel)[(triton.cdiv(chunk, per_q), batch * heads)](
             block_lse,
             row_lse,
-            est,
+            est[0],
+            est[1],
             row_hi,
             row0,
             row0 // per_q,
@@ -539,14 +548,14 @@ def triton_antidiagonal_scores(
     num_stages: int = NUM_STAGES,
     q_blocks: tuple[int, int] | None = None,
     q_row0: int = 0,
-) -> torch.Tensor:
+) -> BlockEstimate:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
     tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K)."""
     if block_k is None:
         hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
         block_k = BLOCK_K_SM90 if hopper else BLOCK_K
     first_q, end_q = (0, triton.cdiv(k.shape[2], config.q_block)) if q_blocks is None else q_blocks
-    return antidiagonal_block_scores(
+    both = antidiagonal_block_scores(
         q,
         k,
         scale,
@@ -564,3 +573,4 @@ def triton_antidiagonal_scores(
         end_q,
         q_row0,
     )
+    return BlockEstimate(*both.unbind(0))

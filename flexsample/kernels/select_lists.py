@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from flexsample.antidiagonal import UNIT_BITS as _UNIT_BITS
+from flexsample.antidiagonal import BlockEstimate
+from flexsample.config import SampleConfig
 
 #: The longest row a program holds (int64 units in registers): 8192 key blocks = 1M tokens at
 #: kv_block 128. Longer rows take the PyTorch path.
@@ -53,6 +55,7 @@ def _cut(units, other, covered, bar):
 @triton.jit
 def _select_lists_kernel(
     EST,
+    PEAK,
     KEEP,
     KV_NUM,
     KV_IDX,
@@ -64,10 +67,12 @@ def _select_lists_kernel(
     first_block,
     local_blocks,
     ALPHA,
+    PEAK_BAR,
     Q_BLOCK: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
     KEEP_ALL: tl.constexpr,
+    USE_PEAK: tl.constexpr,
 ):
     qb = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64) * num_q + qb
@@ -77,6 +82,9 @@ def _select_lists_kernel(
     last = tl.minimum(first + Q_BLOCK, seq_len) - 1
     causal = (j < num_kv) & (j <= last // KV_BLOCK)
     forced = causal & ((j >= first // KV_BLOCK - local_blocks) | (j == 0))
+    if USE_PEAK:
+        peak = tl.load(PEAK + base + j, mask=causal, other=0.0).to(tl.float64)
+        forced = forced | (causal & (peak >= tl.load(PEAK_BAR)))
     other = causal & ~forced
     mass = tl.load(EST + base + j, mask=causal, other=0.0).to(tl.float64)
     # Units: mass * 2^(32 - e), e the row's frexp exponent (top < 2^e); a power-of-two scale
@@ -110,17 +118,12 @@ def _select_lists_kernel(
 
 
 def triton_select_lists(
-    est: torch.Tensor,
-    seq_len: int,
-    q_block: int,
-    kv_block: int,
-    alpha: float,
-    local_blocks: int,
-    first_block: int = 0,
+    estimate: BlockEstimate, seq_len: int, config: SampleConfig, first_block: int = 0
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Estimate `[B, H, nQ, nKV]` (float32) of query blocks `first_block`.. -> (keep
-    `[B, H, nQ, nKV]` bool, (kv_num `[B, H, nQ]`, kv_idx `[B, H, nQ, nKV]`, full_num,
+    """Estimate (`[B, H, nQ, nKV]` float32 mass and peak) of query blocks `first_block`.. ->
+    (keep `[B, H, nQ, nKV]` bool, (kv_num `[B, H, nQ]`, kv_idx `[B, H, nQ, nKV]`, full_num,
     full_idx) int32): `select_blocks` and `keep_lists`' result. nKV <= `MAX_KV_BLOCKS`."""
+    est = estimate.mass
     batch, heads, num_q, num_kv = est.shape
     if num_kv > MAX_KV_BLOCKS:
         raise ValueError(f"{num_kv} key blocks: the kernel holds at most {MAX_KV_BLOCKS}")
@@ -130,8 +133,11 @@ def triton_select_lists(
     kv_num, full_num = torch.empty(shape, **opts), torch.empty(shape, **opts)
     kv_idx, full_idx = torch.empty(est.shape, **opts), torch.empty(est.shape, **opts)
     block = max(16, triton.next_power_of_2(num_kv))
+    peak_bar = config.peak_bar(seq_len)
+    as_float64 = {"dtype": torch.float64, "device": est.device}
     _select_lists_kernel[(num_q, batch * heads)](
         est.float().contiguous(),
+        estimate.peak.float().contiguous(),
         keep.view(torch.int8),
         kv_num,
         kv_idx,
@@ -141,14 +147,16 @@ def triton_select_lists(
         num_kv,
         seq_len,
         first_block,
-        local_blocks,
+        config.local_blocks,
         # float64 from memory: a scalar float argument would arrive as float32, and the bar
-        # alpha * total would then differ from the PyTorch path's at the last bit.
-        torch.full((1,), alpha, dtype=torch.float64, device=est.device),
-        Q_BLOCK=q_block,
-        KV_BLOCK=kv_block,
+        # alpha * total (and the peak bar) would then differ from the PyTorch path's.
+        torch.full((1,), config.alpha, **as_float64),
+        torch.full((1,), 0.0 if peak_bar is None else peak_bar, **as_float64),
+        Q_BLOCK=config.q_block,
+        KV_BLOCK=config.kv_block,
         BLOCK=block,
-        KEEP_ALL=alpha >= 1.0,
+        KEEP_ALL=config.alpha >= 1.0,
+        USE_PEAK=peak_bar is not None,
         num_warps=max(4, min(16, block // 256)),
     )
     return keep, (kv_num, kv_idx, full_num, full_idx)
