@@ -89,10 +89,10 @@ class SampleConfig:
     row_threshold: antidiagonal mode: None, or c > 0: a key block is also kept (and counts
         towards alpha) where one strided row of the query block puts at least c times a uniform
         key block's share, c * kv_block / S, of its own estimated mass (`peak_bar`; ALGORITHM
-        §9). The block-level mass is a mean over the query block's 8 strided rows, so a key
-        block that one row needs (a stripe that row's noise lifts, a band the max-cell score
-        underrates) is diluted 8x below the alpha cut; this is SampleAttention's CRA rule as a
-        maximum over sampled rows at the cost of one more reduction. 7.5: on the structured
+        §9). The block-level mass sums the query block's strided rows (8 at the defaults), so
+        a key block that one row needs (a stripe that row's noise lifts, a band the max-cell
+        score underrates) weighs an eighth of that row's share against the alpha cut; the
+        peak reads each row alone, at the cost of one more reduction. 7.5: on the structured
         inputs (CPU, fp32, 8 query / 2 KV heads, D 128, alpha 0.9) row 1st-percentile CRA at
         128K 0.690 -> 0.895 (density 0.026 -> 0.036; the rule without it needs density 0.10
         for 0.85), at 32K 0.671 -> 0.877, at 16K 0.750 -> 0.876; c from 5 to 10 within
