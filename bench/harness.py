@@ -124,8 +124,9 @@ def config_override(text: str) -> tuple[str, object]:
 
 
 def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> dict:
-    """The antidiagonal rows by name (`{prefix} {cell_score} a={alpha} s={stride}`): every
-    combination of `add_antidiagonal_arguments`' flags, and `args.local_blocks` if set."""
+    """The antidiagonal rows by name (`{prefix} {cell_score} a={alpha} s={stride}
+    r={row_threshold}`): every combination of `add_antidiagonal_arguments`' flags, and
+    `args.local_blocks` if set."""
     local = getattr(args, "local_blocks", None)
     return {
         f"{prefix} {cell} a={alpha} s={stride} r={row}": dataclasses.replace(

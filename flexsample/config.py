@@ -58,8 +58,8 @@ class SampleConfig:
         ranks its own key blocks by a strided antidiagonal estimate of the attention mass
         (XAttention-style, scored by `cell_score`) and keeps the fewest whose estimate reaches
         `alpha` of the row's, plus the diagonal, the first key block and `local_blocks` (§9).
-        It reads `alpha`, `stride`, `cell_score`, `local_blocks`, the block sizes and
-        `min_seq_len`; the window and sampling fields do not apply, and `tile_alpha` /
+        It reads `alpha`, `stride`, `cell_score`, `local_blocks`, `row_threshold`, the block
+        sizes and `min_seq_len`; the window and sampling fields do not apply, and `tile_alpha` /
         `max_stripe_ratio` must stay None. "stripes": SampleAttention as published, a window
         of `window_ratio` plus one set of column stripes per head from the sampled rows
         (§2-§4). Why the default changed (H100, 2026-11-26): on the real-text model

@@ -135,7 +135,7 @@ def test_selection_matches_reference_and_reaches_alpha_minimally(inputs, config)
     est = estimate.mass
     flagged = torch.zeros_like(keep)
     if config.row_threshold is not None:
-        flagged = estimate.peak >= config.row_threshold * config.kv_block / seq_len
+        flagged = estimate.peak.double() >= config.peak_bar(seq_len)
     for qb in range(est.shape[-2]):
         first = qb * config.q_block
         last_causal = (min(first + config.q_block, seq_len) - 1) // config.kv_block

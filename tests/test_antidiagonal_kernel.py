@@ -152,15 +152,21 @@ def test_the_estimate_takes_the_kernel_where_use_kernels(backend, kernel):
 
 
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
-def test_a_range_of_query_blocks_reads_only_their_rows(cell_score):
+@pytest.mark.parametrize("stride, kv_block", [(4, 32), (1, 64)], ids=["1 sub", "4 subs"])
+def test_a_range_of_query_blocks_reads_only_their_rows(cell_score, stride, kv_block):
     """The kernels with `q_blocks` (context parallelism's chunks): the full estimate's rows
-    (checked against the reference; S = 301 ends in a partial strided row), with q NaN
+    (checked against the reference; S = 301 ends in a partial strided row; key blocks of one
+    and of four key-tile sub-blocks), with q NaN
     outside them, in several launches and tiles."""
     gen = torch.Generator().manual_seed(2)
     q = (torch.randn(1, 4, 301, 32, generator=gen) * 2).to(DEVICE)
     k = torch.randn(1, 2, 301, 32, generator=gen).to(DEVICE)
     config = SampleConfig(
-        estimator="antidiagonal", stride=4, q_block=16, kv_block=32, cell_score=cell_score
+        estimator="antidiagonal",
+        stride=stride,
+        q_block=16,
+        kv_block=kv_block,
+        cell_score=cell_score,
     )
     launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1}
     full = _scores(q, k, config, 0.2, **launch)
@@ -234,6 +240,34 @@ def test_planted_bugs_fail_the_kernel_check(dtype, cell_score, patch):
     with mock.patch.object(kernels, *patch):
         err = rel_rms(_scores(q, k, config, 32**-0.5).mass, want)
     assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"{patch[0]}: {err:.3g}"
+
+
+@triton.jit
+def _rows_mean(share, R: tl.constexpr, J: tl.constexpr, SUBS: tl.constexpr):
+    return tl.sum(tl.sum(tl.reshape(share, (R, J // SUBS, SUBS)), 2), 0) / R
+
+
+@triton.jit
+def _rows_sub_max(share, R: tl.constexpr, J: tl.constexpr, SUBS: tl.constexpr):
+    return tl.max(tl.max(tl.reshape(share, (R, J // SUBS, SUBS)), 2), 0)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches kernel helpers: interpreter only")
+@pytest.mark.parametrize(
+    "patch", [_rows_mean, _rows_sub_max], ids=["mean over rows", "max over sub-blocks"]
+)
+def test_planted_peak_bugs_fail_the_kernel_check(patch):
+    """Key blocks of 4 sub-blocks (stride 1, kv_block 64, key tiles of 16)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 150, 16, generator=gen) * 2
+    k = torch.randn(1, 2, 150, 16, generator=gen)
+    config = SampleConfig(estimator="antidiagonal", stride=1, q_block=16, kv_block=64)
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16}
+    want = reference_antidiagonal_scores(q, k, config, 0.25).peak
+    assert rel_rms(_scores(q, k, config, 0.25, **launch).peak, want) <= ANTIDIAG_KERNEL_REL_RMS
+    with mock.patch.object(kernels, "_rows_peak", patch):
+        err = rel_rms(_scores(q, k, config, 0.25, **launch).peak, want)
+    assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"{patch.__name__}: {err:.3g}"
 
 
 @pytest.mark.gpu

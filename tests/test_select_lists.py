@@ -184,10 +184,20 @@ def test_pinned_rows_at_alpha_one_half_keep_one_block(row):
     assert torch.equal(reference_antidiagonal_select(est, 64, config), got[0].cpu())
 
 
-@pytest.mark.parametrize("peak, kept", [(0.25, True), (0.2499999850988388, False)])
-def test_a_peak_at_the_bar_is_kept_and_one_below_is_not(peak, kept):
-    """row_threshold 1 at S 64, blocks of 16: bar 0.25; the sink and diagonal blocks reach
-    alpha, so block 1 is kept for its peak only: at the bar, not one float32 step below it."""
+@pytest.mark.parametrize(
+    "seq_len, peak, kept",
+    [
+        (64, 0.25, True),
+        (64, 0.2499999850988388, False),
+        # bar 16/49 rounds down in float32: its float32 value is below the bar (a float32 bar
+        # would keep it), the next float32 is above.
+        (49, 0.3265306055545807, False),
+        (49, 0.32653063535690308, True),
+    ],
+)
+def test_a_peak_at_the_bar_is_kept_and_one_below_is_not(seq_len, peak, kept):
+    """row_threshold 1, blocks of 16: bar 16 / S; the sink and diagonal blocks reach alpha,
+    so block 1 is kept for its peak only: at or above the float64 bar, not below it."""
     est = torch.zeros(1, 1, 4, 4)
     est[0, 0, 3] = torch.tensor([0.0, 0.25, 1.0, 2.0])
     peaks = torch.zeros_like(est)
@@ -201,10 +211,10 @@ def test_a_peak_at_the_bar_is_kept_and_one_below_is_not(peak, kept):
         row_threshold=1.0,
     )
     estimate = BlockEstimate(est, peaks)
-    got = _kernel_lists(_on(estimate, DEVICE), 64, config, 0)
+    got = _kernel_lists(_on(estimate, DEVICE), seq_len, config, 0)
     assert got[0][0, 0, 3].tolist() == [True, kept, False, True]
-    _assert_equal(got, _torch_lists(_on(estimate, DEVICE), 64, config, 0))
-    assert torch.equal(reference_antidiagonal_select(estimate, 64, config), got[0].cpu())
+    _assert_equal(got, _torch_lists(_on(estimate, DEVICE), seq_len, config, 0))
+    assert torch.equal(reference_antidiagonal_select(estimate, seq_len, config), got[0].cpu())
 
 
 def test_more_key_blocks_than_the_kernel_holds_is_a_clear_error():

@@ -381,6 +381,13 @@ def _strided_lse_kernel(
 
 
 @triton.jit
+def _rows_peak(share, R: tl.constexpr, J: tl.constexpr, SUBS: tl.constexpr):
+    """`[R, J]` shares of rows in sub-blocks -> `[J // SUBS]`: the largest of the rows' sums
+    over each key block's SUBS sub-blocks."""
+    return tl.max(tl.sum(tl.reshape(share, (R, J // SUBS, SUBS)), 2), 0)
+
+
+@triton.jit
 def _block_mass_kernel(
     BLOCK_LSE,
     ROW_LSE,
@@ -423,8 +430,7 @@ def _block_mass_kernel(
             )
             share = tl.where(ok, tl.exp2(lse_sub - lse[:, None]), 0.0)
             mass += tl.sum(share, 0)
-            row_block = tl.sum(tl.reshape(share, (BLOCK_R, BLOCK_J // SUBS, SUBS)), 2)
-            peak = tl.maximum(peak, tl.max(row_block, 0))
+            peak = tl.maximum(peak, _rows_peak(share, BLOCK_R, BLOCK_J, SUBS))
         kb = j0 // SUBS + tl.arange(0, BLOCK_J // SUBS)
         block_mass = tl.sum(tl.reshape(mass, (BLOCK_J // SUBS, SUBS)), 1)
         tl.store(EST + out + kb, block_mass, mask=kb * SUBS < num_sub)
