@@ -233,7 +233,8 @@ def select_blocks(
     """Kept blocks `[B, H, nQ, nKV]` (bool) from the estimate (`[B, H, nQ, nKV]` tensors) of the
     query blocks `first_block`, `first_block + 1`, ... (0: all of them), per query block:
     the diagonal blocks (those meeting the block's rows), the `local_blocks` before them, key
-    block 0 (the sink) and, with `row_threshold`, every causal block whose `peak` reaches
+    block 0 (the sink), every causal block where the query block holds one of the last
+    `dense_tail` rows and, with `row_threshold`, every causal block whose `peak` reaches
     `config.peak_bar(seq_len)`; then the fewest other causal blocks by descending `mass` (ties:
     lower index first) until the kept mass reaches `alpha` of the row's; alpha = 1 (or a row
     with no estimate) keeps every causal block. Sums are exact: the mass is counted in
@@ -302,4 +303,5 @@ def _causal_and_forced(
     block = torch.arange(num_kv, device=device)
     causal = block <= last // config.kv_block
     local = block >= first // config.kv_block - config.local_blocks
-    return causal, causal & (local | (block == 0))
+    tail = last >= seq_len - config.dense_tail
+    return causal, causal & (local | (block == 0) | tail)

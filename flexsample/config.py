@@ -70,7 +70,8 @@ class SampleConfig:
         of 50 at 4K and at 8K, which run dense below min_seq_len anyway); on the structured
         inputs at 128K (H100, FA4) the op's total was 24.3 ms, 10.3x cuDNN (stripes at
         alpha 0.95: 7.1x in an earlier run); the estimate kernel is 16.8 ms of it. With
-        `row_threshold` (below) 26.6 ms, 9.28x (attention.md).
+        `row_threshold` (below) 26.6 ms, 9.28x (attention_before_tail.md); with `dense_tail`
+        too 28.9 ms, 8.74x (attention.md).
     stride: antidiagonal stride s: each s x s cell of the attention matrix is scored by one
         antidiagonal (s query rows against s keys), so scoring costs ~1/s of attention's QK^T.
         A power of two dividing q_block and kv_block. 16: at 128K the estimate kernel takes
@@ -98,8 +99,24 @@ class SampleConfig:
         for 0.85), at 32K 0.671 -> 0.877, at 16K 0.750 -> 0.876; c from 5 to 10 within
         ~0.01, 15 loses ~0.05 at 128K. On the H100 at the Llama-3-8B shape (32 heads,
         bench/results/mask_build.md): 128K row p1 0.697 -> 0.896 at density 0.028 -> 0.037,
-        op total 9.84x -> 9.28x cuDNN (attention.md); real text (realtext_rows.md): ratio
-        1.00 at density 0.132 -> 0.138, and at alpha 0.8 1.02 -> 1.01.
+        op total 9.84x -> 9.28x cuDNN (attention_before_tail.md); real text
+        (realtext_rows.md): ratio 1.00 at density 0.132 -> 0.138, and at alpha 0.8 1.02 ->
+        1.01.
+    dense_tail: antidiagonal mode: an integer >= 0; every query block holding one of the
+        last `dense_tail` rows keeps all its causal key blocks (0: none). The first generated
+        token reads the last row, and a row that copies one token from far back (a needle, an
+        earlier occurrence) is what the strided estimate sees worst: its antidiagonals meet
+        that key in one cell of s. The cost is one query block row (two when S mod q_block is
+        below `dense_tail`), at most 2/nQ of the causal area, but that row is one program's
+        serial work, so the sparse kernel's time grows by about nQ blocks' time. 64 (the
+        last-64-queries window of MInference's estimate): needle in a haystack on the
+        retrieval model (H100, 50 prompts per length, bench/results/niah_tail.md) 1 / 1 / 1 /
+        1 at 4K / 8K / 12K / 16K, equal to dense, at density 0.397 / 0.268 / 0.218 / 0.193,
+        against 0.96 / 0.96 / 1 / 1 at 0.351 / 0.242 / 0.200 / 0.179 with 0 (niah_tail0.md;
+        the misses at depths 0.25-0.5) and window + sink 0.46-0.50. Op total with FA4 on the
+        structured inputs (attention.md against attention_before_tail.md, H100): 128K 9.28x ->
+        8.74x cuDNN (density 0.0374 -> 0.0393, sparse attention 8.53 -> 10.2 ms), 32K 5.82x
+        -> 5.20x.
     """
 
     alpha: float = 0.9
@@ -119,6 +136,7 @@ class SampleConfig:
     cell_score: str = "max"
     local_blocks: int = 1
     row_threshold: float | None = 7.5
+    dense_tail: int = 64
 
     def __post_init__(self) -> None:
         _check_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
@@ -162,6 +180,7 @@ class SampleConfig:
                 f"q_block={self.q_block} and kv_block={self.kv_block}, one of {allowed}"
             )
         _check_int("local_blocks", self.local_blocks, 0)
+        _check_int("dense_tail", self.dense_tail, 0)
         value = self.row_threshold
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if value is not None and not (number and math.isfinite(value) and value > 0):

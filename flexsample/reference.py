@@ -204,7 +204,8 @@ def reference_antidiagonal_select(
     """ALGORITHM §9 selection, one query block at a time: kept blocks `[B, H, nQ, nKV]` (bool).
 
     Query block qb keeps key block 0, the blocks from `first(qb) // kv_block - local_blocks`
-    to the last causal one and (with `row_threshold`) every causal block whose peak is at
+    to the last causal one, every causal block if its last row is one of the last `dense_tail`
+    and (with `row_threshold`) every causal block whose peak is at
     least `row_threshold * kv_block / S`, then other causal blocks by descending mass (ties:
     lower index first) until the kept mass reaches `alpha` of the row's causal total; alpha = 1
     or a row with no estimate keeps every causal block. Each estimate (as float32) counts in whole
@@ -221,6 +222,8 @@ def reference_antidiagonal_select(
         forced = torch.zeros(num_kv, dtype=torch.bool, device=est.device)
         forced[0] = True
         forced[max(0, first // config.kv_block - config.local_blocks) :] = True
+        if last >= seq_len - config.dense_tail:
+            forced[:] = True
         forced &= causal
         for b in range(batch):
             for h in range(heads):

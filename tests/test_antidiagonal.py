@@ -37,6 +37,7 @@ def antidiagonal_configs(draw, **fixed) -> SampleConfig:
         "local_blocks": draw(st.sampled_from([0, 1, 3])),
         "cell_score": draw(st.sampled_from(["max", "mean"])),
         "row_threshold": draw(st.sampled_from([None, 0.5, 2.0, 7.5])),
+        "dense_tail": draw(st.sampled_from([0, 1, 64, 200])),
     }
     return draw(configs(**(fields | fixed)))
 
@@ -142,7 +143,9 @@ def test_selection_matches_reference_and_reaches_alpha_minimally(inputs, config)
         local = max(0, first // config.kv_block - config.local_blocks)
         forced = list(range(local, last_causal + 1))
         row, kept = est[..., qb, :].double(), keep[..., qb, :]
-        assert kept[..., forced + [0]].all(), "diagonal, local core and sink kept"
+        if min(first + config.q_block, seq_len) > seq_len - config.dense_tail:
+            forced = list(range(last_causal + 1))
+        assert kept[..., forced + [0]].all(), "diagonal, local core, sink and dense tail kept"
         assert not kept[..., last_causal + 1 :].any(), "causal"
         causal = slice(0, last_causal + 1)
         assert kept[..., causal][flagged[..., qb, causal]].all(), "a strided row's peak kept"
@@ -176,6 +179,47 @@ def test_alpha_one_equals_sdpa(inputs, config):
     q, k, v = inputs
     out = sample_attention(q, k, v, config, enable_gqa=True)
     assert_output_close(out, q, k, v, causal_mask(q))
+
+
+@given(qkv(), antidiagonal_configs(dense_tail=64))
+def test_the_dense_tail_rows_are_exact(inputs, config):
+    """The last `dense_tail` rows see every causal key: they equal causal attention."""
+    q, k, v = inputs
+    out = sample_attention(q, k, v, config, enable_gqa=True)
+    tail = slice(max(0, q.shape[2] - config.dense_tail), None)
+    mask = causal_mask(q)[:, :, tail]
+    assert_output_close(out[:, :, tail], q[:, :, tail], k, v, mask)
+
+
+def _needle_qkv(seq_len: int = 2048, needle: int = 500):
+    """q/k/v where every row attends to key 0 (the sink) but the last, which puts nearly all
+    its attention on key `needle`; the antidiagonal pairs that key with another row of its
+    cell, so the estimate sees only the sink."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 1, seq_len, 32, generator=gen) * 0.1
+    k = torch.randn(1, 1, seq_len, 32, generator=gen) * 0.1
+    k[..., 0, 0] = 8.0
+    q[..., 0] += 8.0
+    k[..., needle, 1] = 12.0
+    q[..., -1, 1] = 12.0
+    return q, k, torch.randn(1, 1, seq_len, 32, generator=gen)
+
+
+def test_the_dense_tail_keeps_a_needle_the_estimate_misses():
+    q, k, v = _needle_qkv()
+    config = SampleConfig(estimator="antidiagonal", q_block=64, kv_block=64, min_seq_len=0)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[..., -1, :]
+    err = {
+        tail: rel_rms(
+            sample_attention(q, k, v, dataclasses.replace(config, dense_tail=tail))[..., -1, :],
+            exact,
+        )
+        for tail in (0, config.dense_tail)
+    }
+    missed = sample_block_mask(q, k, dataclasses.replace(config, dense_tail=0))
+    assert not kept_blocks(missed)[0, 0, -1, 500 // 64], "the estimate alone misses the needle"
+    assert err[0] > 0.5, f"without the tail the last row is wrong: {err}"
+    assert err[config.dense_tail] < 1e-5, f"with it the last row is exact: {err}"
 
 
 def test_the_op_runs_the_antidiagonal_mask():

@@ -51,6 +51,7 @@ def estimates(draw):
         alpha=draw(st.sampled_from([0.3, 0.5, 0.75, 0.8, 0.9, 0.95, 1.0])),
         local_blocks=draw(st.integers(0, 2)),
         row_threshold=draw(st.sampled_from([None, 0.5, 2.0, 7.5])),
+        dense_tail=draw(st.sampled_from([0, 0, 1, 64, 200])),
     )
     peak = (est * torch.rand(shape, generator=gen)).clamp(max=1.0)
     bar = config.peak_bar(seq_len)
@@ -135,7 +136,7 @@ def _cut_without_tie_order(units, other, covered, bar):
 def test_planted_tie_bug_fails_the_check():
     est = _zero_peak(torch.full((1, 1, 8, 8), 0.25, device=DEVICE))  # every block ties
     config = SampleConfig(
-        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, dense_tail=0, alpha=0.5
     )
     want = _torch_lists(est, 128, config, 0)
     _assert_equal(_kernel_lists(est, 128, config, 0), want)
@@ -151,7 +152,7 @@ def test_alpha_reaches_the_kernel_in_float64():
     est[0, 0, 2] = torch.tensor([0.5, 0.0625, (2**28 - 512) / 2**32])
     est[0, 0, :2, :2] = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     config = SampleConfig(
-        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.9
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, dense_tail=0, alpha=0.9
     )
     est = _zero_peak(est.to(DEVICE))
     got = _kernel_lists(est, 48, config, 0)
@@ -175,7 +176,7 @@ def test_pinned_rows_at_alpha_one_half_keep_one_block(row):
     est = torch.zeros(1, 1, 4, 4)
     est[0, 0, 3] = torch.tensor(row)
     config = SampleConfig(
-        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, alpha=0.5
+        estimator="antidiagonal", q_block=16, kv_block=16, local_blocks=0, dense_tail=0, alpha=0.5
     )
     est = _zero_peak(est)
     got = _kernel_lists(_on(est, DEVICE), 64, config, 0)
@@ -207,6 +208,7 @@ def test_a_peak_at_the_bar_is_kept_and_one_below_is_not(seq_len, peak, kept):
         q_block=16,
         kv_block=16,
         local_blocks=0,
+        dense_tail=0,
         alpha=0.5,
         row_threshold=1.0,
     )

@@ -66,6 +66,7 @@ def _select_lists_kernel(
     seq_len,
     first_block,
     local_blocks,
+    dense_tail,
     ALPHA,
     PEAK_BAR,
     Q_BLOCK: tl.constexpr,
@@ -82,6 +83,7 @@ def _select_lists_kernel(
     last = tl.minimum(first + Q_BLOCK, seq_len) - 1
     causal = (j < num_kv) & (j <= last // KV_BLOCK)
     forced = causal & ((j >= first // KV_BLOCK - local_blocks) | (j == 0))
+    forced = tl.where(last >= seq_len - dense_tail, causal, forced)
     if USE_PEAK:
         peak = tl.load(PEAK + base + j, mask=causal, other=0.0).to(tl.float64)
         forced = forced | (causal & (peak >= tl.load(PEAK_BAR)))
@@ -148,6 +150,7 @@ def triton_select_lists(
         seq_len,
         first_block,
         config.local_blocks,
+        config.dense_tail,
         # float64 from memory: a scalar float argument would arrive as float32, and the bar
         # alpha * total (and the peak bar) would then differ from the PyTorch path's.
         torch.full((1,), config.alpha, **as_float64),
