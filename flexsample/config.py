@@ -106,9 +106,10 @@ class SampleConfig:
         last `dense_tail` rows keeps all its causal key blocks (0: none). The first generated
         token reads the last row, and a row that copies one token from far back (a needle, an
         earlier occurrence) is what the strided estimate sees worst: its antidiagonals meet
-        that key in one cell of s. The cost is one query block row (two when S mod q_block is
-        below `dense_tail`), at most 2/nQ of the causal area, but that row is one program's
-        serial work, so the sparse kernel's time grows by about nQ blocks' time. 64 (the
+        that key in one cell of s. The cost is the query block rows that hold those rows
+        (one or two at the defaults: two when S mod q_block is 1..63), each at most 2/nQ of
+        the causal area; but such a row is one program's serial work, so the sparse kernel's
+        time grows by about nQ blocks' time. 64 (the
         last-64-queries window of MInference's estimate): needle in a haystack on the
         retrieval model (H100, 50 prompts per length, bench/results/niah_tail.md) 1 / 1 / 1 /
         1 at 4K / 8K / 12K / 16K, equal to dense, at density 0.397 / 0.268 / 0.218 / 0.193,

@@ -35,6 +35,9 @@ from flexsample import SampleConfig
         ("stride", 256, r"one of \[1, 2, 4, 8, 16, 32, 64, 128\]"),
         ("stride", 8.0, "power of two"),
         ("local_blocks", -1, "integer >= 0"),
+        ("dense_tail", -1, "integer >= 0"),
+        ("dense_tail", 1.5, "integer >= 0"),
+        ("dense_tail", True, "integer >= 0"),
     ],
 )
 def test_invalid_values_name_field_value_and_range(field, value, allowed):

@@ -214,6 +214,11 @@ def _cp_cases(rank, world):
     _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
     config = SampleConfig(min_seq_len=0, q_block=32, kv_block=32)
     _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=1e-2, rtol=1e-2)
+    # 3c. a dense tail spanning both ranks' chunks (rows 700-999: blocks 21-23 on rank 1, 24-31
+    # on rank 0): the rule reads global rows.
+    q, k, v = _inputs(1000, seed=3)
+    config = SampleConfig(alpha=0.8, min_seq_len=0, q_block=32, kv_block=32, dense_tail=300)
+    _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
 
     # 4. shorter than min_seq_len: dense, like sample_attention; the dense baseline too.
     q, k, v = _inputs(300)
