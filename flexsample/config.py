@@ -40,7 +40,10 @@ class SampleConfig:
         3.48x at 12K and 3.29x / 4.27x at 16K (Triton / FLASH backend, structured inputs;
         bench/results/attention_short.md, 2026-11-26 16:15), so sparsity pays from the
         shortest measured length on both backends. Shorter lengths were not measured. (The
-        stripes estimator lost below 12K: 0.64x / 0.70x at 8K in the same run.)
+        stripes estimator lost below 12K: 0.64x / 0.70x at 8K in the same run.) That run
+        predates the row peaks and `dense_tail`; the tail's dense row at 8K is 64 blocks of
+        one program's serial work, ~0.09 ms at the 1.4 us per block it cost at 32K, which
+        would leave ~1.5x / ~1.7x (an estimate, not re-measured).
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
     tile_alpha: None (the paper's selection from the mean over sampled rows), or a CRA
