@@ -112,10 +112,10 @@ class SampleConfig:
         that key in one cell of s. The cost is the query block rows that hold those rows
         (one or two at the defaults: two when S mod q_block is 1..63), each at most 2/nQ of
         the causal area; but such a row is one program's serial work, so the sparse kernel's
-        time grows by about nQ blocks' time. 64 (the
-        last-64-queries window of MInference's estimate): needle in a haystack on the
-        retrieval model (H100, 50 prompts per length, bench/results/niah_tail.md) 1 / 1 / 1 /
-        1 at 4K / 8K / 12K / 16K, equal to dense, at density 0.397 / 0.268 / 0.218 / 0.193,
+        time grows by about nQ blocks' time. 64 (the last-64-queries window of MInference's
+        estimate): needle in a haystack on the retrieval model (H100, 50 prompts per
+        length, bench/results/niah_tail.md) 1 / 1 / 1 / 1 at 4K / 8K / 12K / 16K, equal to
+        dense, at density 0.397 / 0.268 / 0.218 / 0.193,
         against 0.96 / 0.96 / 1 / 1 at 0.351 / 0.242 / 0.200 / 0.179 with 0 (niah_tail0.md;
         the misses at depths 0.25-0.5) and window + sink 0.46-0.50. Op total with FA4 on the
         structured inputs (attention.md against attention_before_tail.md, H100): 128K 9.28x ->
