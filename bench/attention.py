@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         "alpha 0.95 (the default before the antidiagonal estimator); '~d%' rows are alpha=1, "
         "window_ratio=d/5, "
         "max_stripe_ratio=d/2.2 (density measured, in the row); 'antidiag c a=x s=y r=r' rows "
-        "are estimator='antidiagonal', cell_score=c, alpha=x, stride=y (ALGORITHM §9).",
+        "are estimator='antidiagonal', cell_score=c, alpha=x, stride=y, row_threshold=r (and "
+        "dense_tail=t where the name ends in t=t; ALGORITHM §9).",
         "Times are medians of triton.testing.do_bench. 'mask build' is sample_block_mask end "
         "to end (scores kernel, selection, BlockMask); 'total' = mask build + sparse attention; "
         "speedups are of the total. 'build share' = mask build / total.",

@@ -89,6 +89,13 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
         default=[SampleConfig.row_threshold],
         help="SampleConfig.row_threshold values of the antidiagonal rows ('none': off)",
     )
+    parser.add_argument(
+        "--dense-tails",
+        type=int,
+        nargs="+",
+        default=[SampleConfig.dense_tail],
+        help="SampleConfig.dense_tail values of the antidiagonal rows",
+    )
 
 
 def _optional_float(text: str) -> float | None:
@@ -125,23 +132,27 @@ def config_override(text: str) -> tuple[str, object]:
 
 def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> dict:
     """The antidiagonal rows by name (`{prefix} {cell_score} a={alpha} s={stride}
-    r={row_threshold}`): every combination of `add_antidiagonal_arguments`' flags, and
-    `args.local_blocks` if set."""
+    r={row_threshold}`, then ` t={dense_tail}` where it is not the default): every combination
+    of `add_antidiagonal_arguments`' flags, and `args.local_blocks` if set."""
     local = getattr(args, "local_blocks", None)
+    tails = getattr(args, "dense_tails", [SampleConfig.dense_tail])
     return {
-        f"{prefix} {cell} a={alpha} s={stride} r={row}": dataclasses.replace(
+        f"{prefix} {cell} a={alpha} s={stride} r={row}"
+        + ("" if tail == SampleConfig.dense_tail else f" t={tail}"): dataclasses.replace(
             base,
             estimator="antidiagonal",
             alpha=alpha,
             stride=stride,
             cell_score=cell,
             row_threshold=row,
+            dense_tail=tail,
             **({} if local is None else {"local_blocks": local}),
         )
         for cell in args.cell_scores
         for stride in args.strides
         for alpha in args.antidiagonal_alphas
         for row in args.row_thresholds
+        for tail in tails
     }
 
 

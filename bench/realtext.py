@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
             f"only the {args.near}..{args.near + args.near_chunk} tokens before it (fresh "
             "forward passes on the truncated context); dense uses the full context.",
             f"flexsample config: {config}. 'flexsample antidiag c a=x s=y r=r' is that config with "
-            "estimator='antidiagonal', cell_score=c, alpha=x, stride=y, row_threshold=r"
+            "estimator='antidiagonal', cell_score=c, alpha=x, stride=y, row_threshold=r "
+            "(and dense_tail=t where the name ends in t=t)"
             + ("" if args.local_blocks is None else f", local_blocks={args.local_blocks}")
             + " (ALGORITHM §9); in the layer table 'oracle blocks @antidiag c a=x s=y r=r' is the "
             "block oracle at its per-head density. 'flexsample attn' (attn_implementation="

@@ -101,6 +101,8 @@ MODES = [
     *(f"door {k}" for k in DENSITIES),
     "door ~10% layers",
     "door default",
+    "door ~10% unreplayed",
+    "door default unreplayed",
 ]
 ALL_MODES = [*MODES, "flexsample"]
 PROFILED = ("eager", "door ~10%", "door default")
@@ -192,11 +194,15 @@ def _held_out_tokens(model_dir: pathlib.Path) -> torch.Tensor:
 
 
 def config_of(mode: str, base: SampleConfig) -> SampleConfig:
-    """The SampleConfig of a flexsample/door mode: fixed density, or `base` (default)."""
+    """The SampleConfig of a flexsample/door mode: fixed density, or `base` (default); with
+    CUDA-graph replay off (`graph_max_len=0`) for an "unreplayed" mode."""
+    config = base
     for key, target in DENSITIES.items():
         if key in mode.split():
-            return fixed_density(target, base)
-    return base
+            config = fixed_density(target, base)
+    if mode.endswith(" unreplayed"):
+        config = dataclasses.replace(config, graph_max_len=0)
+    return config
 
 
 def load_model(setup: Setup, max_len: int, attn: str = "sdpa"):
@@ -649,7 +655,9 @@ def _write(args: argparse.Namespace, setup: Setup, tables: dict, graphs: dict) -
         f"mask is built), compiled with {args.compiler} and dynamic=True like 'inductor'.",
         "door modes: integrations.transformers.register(config), model switched to "
         "attn_implementation='flexsample' (set_attn_implementation), torch.compile(model, "
-        f"dynamic=True) with {args.compiler}: the door's mask function passes no S×S mask.",
+        f"dynamic=True) with {args.compiler}: the door's mask function passes no S×S mask. "
+        f"The op replays its sparse path as a CUDA graph up to graph_max_len "
+        f"({setup.base.graph_max_len}); 'unreplayed' modes set graph_max_len=0.",
         "Fixed-density configs: "
         + "; ".join(f"{k}: {fixed_density(d, setup.base)}" for k, d in DENSITIES.items())
         + ". Their density is measured on random q/k of the same shape.",

@@ -121,6 +121,19 @@ class SampleConfig:
         structured inputs (attention.md against attention_before_tail.md, H100): 128K 9.28x ->
         8.74x cuDNN (density 0.0374 -> 0.0393, sparse attention 8.53 -> 10.2 ms), 32K 5.82x
         -> 5.20x.
+    graph_max_len: prefill lengths up to which the op (`flexsample::sample_attention`, behind
+        both doors) replays its sparse path as one CUDA graph (`flexsample/graphs.py`), an
+        integer >= 0 (0: never). Launching the path from Python costs ~1.4 ms of host time a
+        call, more than its device time on small models and short prompts; a replay costs
+        ~0.16 ms. 32768: on the H200 (bench/results/op_graphs.md, the op in transformers'
+        layout, FA4), per call with a device sync after each (as the door's compiled prefill
+        runs) replay is 3.6x / 2.0x faster at 8K (real-text model's shape, Hq 6 / Llama-3-8B,
+        Hq 32), 2.1x / 1.3x at 16K and 1.4x / 1.0x at 32K (0.995: neutral where the device
+        work already hides the host's); the real-text model's prefill
+        (ttft_realtext_graphs.md) goes from 0.41x to 1.01x the fastest dense compiled path at
+        16K and from 1.04x to 1.48x at 32K. Longer prompts were not measured: device time
+        there exceeds the launch cost, and each cached length holds its own buffers
+        (`flexsample/graphs.py`).
     """
 
     alpha: float = 0.9
@@ -141,6 +154,7 @@ class SampleConfig:
     local_blocks: int = 1
     row_threshold: float | None = 7.5
     dense_tail: int = 64
+    graph_max_len: int = 32768
 
     def __post_init__(self) -> None:
         _check_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
@@ -156,6 +170,7 @@ class SampleConfig:
             if type(value) is not int or value not in _BLOCK_SIZES:
                 raise ValueError(f"{name}={value!r} is not allowed: use one of {_BLOCK_SIZES}")
         _check_int("min_seq_len", self.min_seq_len, 0)
+        _check_int("graph_max_len", self.graph_max_len, 0)
         if self.max_stripe_ratio is not None:
             _check_range("max_stripe_ratio", self.max_stripe_ratio, 0.0, 1.0)
         if self.tile_alpha is not None:

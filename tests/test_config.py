@@ -38,6 +38,9 @@ from flexsample import SampleConfig
         ("dense_tail", -1, "integer >= 0"),
         ("dense_tail", 1.5, "integer >= 0"),
         ("dense_tail", True, "integer >= 0"),
+        ("graph_max_len", -1, "integer >= 0"),
+        ("graph_max_len", 4096.0, "integer >= 0"),
+        ("graph_max_len", None, "integer >= 0"),
     ],
 )
 def test_invalid_values_name_field_value_and_range(field, value, allowed):
