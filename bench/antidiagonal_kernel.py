@@ -1,21 +1,24 @@
-"""Antidiagonal estimate kernels: launch parameters swept on the Llama-3-8B shape, with
-achieved TFLOP/s, against the chunked PyTorch path.
+"""Antidiagonal estimate kernels: launch parameters swept on the Llama-3-8B shape (or others,
+`--heads`), with achieved TFLOP/s, against the chunked PyTorch path.
 
 Work counted: Q'K'^T over the causal strided pairs, 2*s*D FLOPs each (ALGORITHM §9, cost).
 Each launch's result is checked against the PyTorch path (relative RMS error, bf16 bound
-3e-3). Writes bench/results/antidiagonal_kernel.{md,json}. GPU only:
-`python -m bench.antidiagonal_kernel`.
+3e-3). `--splits` sweeps the key splits per row tile (0: `key_splits`' choice, the default).
+Writes bench/results/antidiagonal_kernel.{md,json} (`--name`, `--out-dir`). GPU only:
+`python -m bench.antidiagonal_kernel`; short lengths: `--lengths 8192 16384 32768 --heads 6/2
+32/8 --strides 16 --block-m 128 --block-n 128 --block-k 128 --warps 8 --splits 1 0`.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import pathlib
 from collections.abc import Callable
 
 import torch
 
-from bench.harness import peak_memory_mib, progress, time_ms, write_results
+from bench.harness import RESULTS, peak_memory_mib, progress, time_ms, write_results
 from flexsample import SampleConfig
 from flexsample.antidiagonal import CHUNK_ELEMENTS, torch_antidiagonal_scores
 from flexsample.kernels import antidiagonal as kernels
@@ -23,6 +26,7 @@ from flexsample.synthetic import structured_qkv
 
 COLUMNS = [
     "S",
+    "heads",
     "stride",
     "cell_score",
     "path",
@@ -31,6 +35,7 @@ COLUMNS = [
     "block_k",
     "num_warps",
     "num_stages",
+    "splits",
     "ms",
     "TFLOP/s",
     "rel RMS vs torch",
@@ -38,15 +43,19 @@ COLUMNS = [
 ]
 
 
-def _sweep(seq_len: int, stride: int, cell_score: str, args: argparse.Namespace) -> list[dict]:
-    """Rows of one (S, stride, cell score): the PyTorch path, then each launch of the kernels."""
-    x = structured_qkv(1, 32, 8, seq_len, 128, dtype=torch.bfloat16, device="cuda")
+def _sweep(
+    seq_len: int, heads: str, stride: int, cell_score: str, args: argparse.Namespace
+) -> list[dict]:
+    """Rows of one (S, heads "Hq/Hkv", stride, cell score): the PyTorch path, then each launch
+    of the kernels."""
+    q_heads, kv_heads = (int(n) for n in heads.split("/"))
+    x = structured_qkv(1, q_heads, kv_heads, seq_len, 128, dtype=torch.bfloat16, device="cuda")
     config = SampleConfig(
         estimator="antidiagonal", stride=stride, cell_score=cell_score, min_seq_len=0
     )
     scale = 128**-0.5
     strided = seq_len / stride
-    flops = 32 * strided * (strided + 1) / 2 * 2 * stride * 128
+    flops = q_heads * strided * (strided + 1) / 2 * 2 * stride * 128
 
     def measure(fn: Callable[[], object]) -> dict:
         return {
@@ -56,7 +65,7 @@ def _sweep(seq_len: int, stride: int, cell_score: str, args: argparse.Namespace)
         }
 
     want = torch_antidiagonal_scores(x.q, x.k, config, scale)
-    base = {"S": seq_len, "stride": stride, "cell_score": cell_score}
+    base = {"S": seq_len, "heads": heads, "stride": stride, "cell_score": cell_score}
     rows = [
         base
         | {"path": "torch"}
@@ -64,9 +73,9 @@ def _sweep(seq_len: int, stride: int, cell_score: str, args: argparse.Namespace)
     ]
     progress(f"S={seq_len} s={stride} torch: {rows[0]['ms']:.3f} ms")
     for launch in itertools.product(
-        args.block_m, args.block_n, args.block_k, args.warps, args.stages
+        args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.splits
     ):
-        knobs = dict(zip(COLUMNS[4:9], launch, strict=True))
+        knobs = dict(zip(COLUMNS[5:11], launch, strict=True))
 
         def run(knobs=knobs):
             return kernels.triton_antidiagonal_scores(
@@ -99,10 +108,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[3])
     parser.add_argument("--cell-scores", nargs="+", choices=["max", "mean"], default=["max"])
+    parser.add_argument("--splits", type=int, nargs="+", default=[0])
+    parser.add_argument("--heads", nargs="+", default=["32/8"], help="Hq/Hkv shapes")
+    parser.add_argument("--name", default="antidiagonal_kernel")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     rows = []
-    for seq_len, stride, cell in itertools.product(args.lengths, args.strides, args.cell_scores):
-        rows += _sweep(seq_len, stride, cell, args)
+    for seq_len, heads, stride, cell in itertools.product(
+        args.lengths, args.heads, args.strides, args.cell_scores
+    ):
+        rows += _sweep(seq_len, heads, stride, cell, args)
         torch.cuda.empty_cache()
     default = {
         "block_m": kernels.BLOCK_M,
@@ -110,19 +125,22 @@ def main(argv: list[str] | None = None) -> None:
         "block_k": f"{kernels.BLOCK_K} ({kernels.BLOCK_K_SM90} on sm_90+)",
         "num_warps": kernels.NUM_WARPS,
         "num_stages": kernels.NUM_STAGES,
+        "splits": f"key_splits (SPLIT_WAVES {kernels.SPLIT_WAVES})",
     }
     notes = [
-        "Inputs: structured_qkv, B=1, Hq=32, Hkv=8, D=128, bf16; SampleConfig(estimator="
+        "Inputs: structured_qkv, B=1, Hq/Hkv as in 'heads', D=128, bf16; SampleConfig(estimator="
         "'antidiagonal', stride=row's, q_block=kv_block=128).",
         f"Default launch at the time of the run: {default}.",
         "Times are medians of triton.testing.do_bench; 'peak MiB' is the peak allocation above "
-        "the inputs (the kernels' scratch is at most CHUNK_ELEMENTS fp32 per launch).",
+        "the inputs (the kernels' scratch is at most CHUNK_ELEMENTS fp32 per launch). "
+        "'splits': programs per row tile (0: key_splits' choice for the GPU).",
     ]
     path = write_results(
-        "antidiagonal_kernel",
+        args.name,
         "Antidiagonal estimate kernels: launch sweep",
         [("Launch sweep", COLUMNS, rows)],
         notes,
+        args.out_dir,
     )
     print(open(path).read())
 

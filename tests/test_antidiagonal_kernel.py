@@ -64,9 +64,13 @@ def _rows(estimate: BlockEstimate, first: int, end: int) -> BlockEstimate:
     st.sampled_from([16, 32, 64, 128]),
     st.sampled_from([1, CHUNK_ELEMENTS]),
     st.sampled_from(["max", "mean"]),
+    st.sampled_from([0, 2, 5]),
 )
-def test_kernel_matches_reference(inputs, stride, q_block, kv_block, chunk_elements, cell_score):
-    """Default tiles; chunk_elements 1 launches one query block or row tile at a time."""
+def test_kernel_matches_reference(
+    inputs, stride, q_block, kv_block, chunk_elements, cell_score, splits
+):
+    """Default tiles; chunk_elements 1 launches one query block or row tile at a time; splits
+    > 0 splits the keys of every row tile (at most one key tile each)."""
     q, k, _ = (x.to(DEVICE) for x in inputs)
     stride = min(stride, q_block, kv_block)
     config = SampleConfig(
@@ -77,17 +81,20 @@ def test_kernel_matches_reference(inputs, stride, q_block, kv_block, chunk_eleme
         cell_score=cell_score,
     )
     scale = q.shape[-1] ** -0.5
-    _check(_scores(q, k, config, scale, chunk_elements=chunk_elements), q, k, config, scale)
+    got = _scores(q, k, config, scale, chunk_elements=chunk_elements, splits=splits)
+    _check(got, q, k, config, scale)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
 @pytest.mark.parametrize(
     "seq_len, stride, q_block, kv_block, dim",
     [(77, 1, 16, 64, 24), (150, 4, 32, 16, 32), (201, 16, 16, 128, 16)],
 )
-def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim, cell_score):
+def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim, cell_score, splits):
     """Tiles small enough for several row and key tiles, dot steps per segment (D > BLOCK_K,
-    masked when D is not a multiple), launches, and key blocks wider than a key tile."""
+    masked when D is not a multiple), launches, key blocks wider than a key tile, and keys
+    split among programs (3: uneven shares, empty splits for the first tiles)."""
     gen = torch.Generator().manual_seed(seq_len)
     q = torch.randn(2, 6, seq_len, dim, generator=gen).to(DEVICE)
     k = torch.randn(2, 2, seq_len, dim, generator=gen).to(DEVICE)
@@ -98,7 +105,7 @@ def test_small_tiles_match_reference(seq_len, stride, q_block, kv_block, dim, ce
         kv_block=kv_block,
         cell_score=cell_score,
     )
-    launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1}
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16, "chunk_elements": 1, "splits": splits}
     _check(_scores(q, k, config, 0.3, **launch), q, k, config, 0.3)
 
 
@@ -270,18 +277,52 @@ def test_planted_peak_bugs_fail_the_kernel_check(patch):
     assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"{patch.__name__}: {err:.3g}"
 
 
+@triton.jit
+def _first_split_only(ROW_LSE, rows, ok, splits, split_rows):
+    lse = tl.load(ROW_LSE + rows, mask=ok, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches kernel helpers: interpreter only")
+def test_planted_split_bug_fails_the_kernel_check():
+    """Rows normalised by their first key split alone: the check fails once keys are split."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 150, 16, generator=gen) * 2
+    k = torch.randn(1, 2, 150, 16, generator=gen)
+    config = SampleConfig(estimator="antidiagonal", stride=1, q_block=16, kv_block=16)
+    launch = {"block_m": 32, "block_n": 16, "block_k": 16, "splits": 3}
+    want = reference_antidiagonal_scores(q, k, config, 0.25).mass
+    assert rel_rms(_scores(q, k, config, 0.25, **launch).mass, want) <= ANTIDIAG_KERNEL_REL_RMS
+    with mock.patch.object(kernels, "_row_lse", _first_split_only):
+        err = rel_rms(_scores(q, k, config, 0.25, **launch).mass, want)
+    assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"first split only: {err:.3g}"
+
+
+def test_key_splits_fill_the_gpu_and_never_exceed_the_key_tiles():
+    cuda = torch.device("cuda")
+    with mock.patch.object(
+        torch.cuda, "get_device_properties", return_value=mock.Mock(multi_processor_count=132)
+    ):
+        assert kernels.key_splits(0, 64, 8, cuda) == 8  # 16K, Hkv 2: 9 wanted, 8 key tiles
+        assert kernels.key_splits(0, 264, 9, cuda) == 2
+        assert kernels.key_splits(0, 2048, 64, cuda) == 1  # 128K, Hkv 8
+    assert kernels.key_splits(5, 64, 3, cuda) == 3
+    assert kernels.key_splits(0, 4, 8, torch.device("cpu")) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
 @pytest.mark.parametrize("stride", [8, 16])
-def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score):
-    """B 1, Hq 32, Hkv 8, D 128, S = 16K + 77 (odd: a partial strided row and query block),
-    bf16: the kernel against the PyTorch path on the same inputs in fp32 (fp32 logits, as the
-    kernel keeps them; with "mean" the bf16 path rounds each logit), within the kernel's
-    bound."""
+@pytest.mark.parametrize("heads, kv_heads", [(32, 8), (6, 2)])
+def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score, heads, kv_heads):
+    """B 1, Hq 32, Hkv 8 (and the real-text model's 6 / 2, whose launches split the keys), D
+    128, S = 16K + 77 (odd: a partial strided row and query block), bf16: the kernel against
+    the PyTorch path on the same inputs in fp32 (fp32 logits, as the kernel keeps them; with
+    "mean" the bf16 path rounds each logit), within the kernel's bound."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     seq_len = 16384 + 77
-    q = torch.randn(1, 32, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
-    k = torch.randn(1, 8, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q = torch.randn(1, heads, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(1, kv_heads, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     k[:, :, torch.randint(0, seq_len, (64,), device="cuda", generator=gen)] *= 4  # heavy keys
     config = SampleConfig(estimator="antidiagonal", stride=stride, alpha=0.9, cell_score=cell_score)
     scale = 128**-0.5

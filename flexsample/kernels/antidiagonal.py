@@ -14,6 +14,9 @@ read through k's strides. Two launches per chunk of strided rows:
    row's log-sum-exp over every `sub` keys (`sub` = the strided keys of a key block, or
    `BLOCK_N` if a key block is wider) stored in a `[rows, sub-blocks]` scratch slice, and the
    row's online (max, sum), stored per row;
+   At short lengths the row tiles alone leave SMs idle, so a launch splits each tile's key
+   tiles among `key_splits` programs: each stores its keys' sub-block entries and its share
+   of the rows' (max, sum) as a partial log-sum-exp, which the second kernel combines;
 2. `_block_mass_kernel`: one program per (batch, head, query block) sums
    `exp2(lse_sub - lse_row)` over the query block's strided rows and each key block's
    sub-blocks: the estimate's mass; the largest of the rows' own sums is its peak.
@@ -65,6 +68,10 @@ from flexsample.config import SampleConfig
 #: BLOCK_K_SM90 there and BLOCK_K elsewhere.
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 3
 BLOCK_K_SM90 = 128
+#: A launch of fewer row tiles than this many waves of programs splits each tile's keys among
+#: several programs (`key_splits`): at short lengths the tiles alone leave most SMs idle (16K,
+#: 6 query / 2 KV heads: 64 programs on 132 SMs).
+SPLIT_WAVES = 4
 
 
 @triton.jit
@@ -238,6 +245,7 @@ def _strided_lse_kernel(
     kv_heads,
     row0,
     tiles,
+    splits,
     chunk_rows,
     width,
     scale_log2e,
@@ -255,11 +263,12 @@ def _strided_lse_kernel(
     MAX: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr,
 ):
-    # Longest tiles (last strided rows) first, for every (batch, KV head): short ones fill the
-    # last wave.
-    groups = tl.num_programs(0) // tiles
-    tile = tiles - 1 - tl.program_id(0) // groups
-    bk = tl.program_id(0) % groups
+    # Longest tiles (last strided rows) first, for every (batch, KV head) and key split: short
+    # ones fill the last wave.
+    groups = tl.num_programs(0) // (tiles * splits)
+    tile = tiles - 1 - tl.program_id(0) // (groups * splits)
+    bk = tl.program_id(0) // splits % groups
+    split = tl.program_id(0) % splits
     b = bk // kv_heads
     offs_r = tl.arange(0, G_PAD * ROWS)
     g = offs_r // ROWS
@@ -267,6 +276,10 @@ def _strided_lse_kernel(
     m = row0 + tile * ROWS + offs_r % ROWS  # strided row of each program row
     row_ok = (g < GROUP) & (m < row_end)
     n_end = tl.minimum(row0 + (tile + 1) * ROWS, row_end)  # keys n <= the last row
+    # This split's key tiles: an equal share of the tile's, whole tiles each.
+    per_split = tl.cdiv(tl.cdiv(n_end, BLOCK_N), splits) * BLOCK_N
+    split_lo = split * per_split
+    split_hi = tl.minimum(split_lo + per_split, n_end)
     # Q holds rows q_row0.. only (a context-parallel chunk); rows read are all >= q_row0.
     q_rows = (
         Q
@@ -311,7 +324,9 @@ def _strided_lse_kernel(
     m_first = row0 + tile * ROWS
     fast_end = tl.where(n_end * STRIDE > seq_len, 0, m_first // BLOCK_N * BLOCK_N)
     for masked in tl.static_range(2):
-        for n0 in range(fast_end if masked else 0, n_end if masked else fast_end, BLOCK_N):
+        lo = tl.maximum(fast_end if masked else 0, split_lo)
+        hi = tl.minimum(n_end if masked else fast_end, split_hi)
+        for n0 in range(lo, hi, BLOCK_N):
             n = n0 + offs_n
             if MAX:
                 logit = _tile_cell_max(
@@ -375,9 +390,11 @@ def _strided_lse_kernel(
             l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(lse_sub - m_ref[:, None]), 1)
             m_i = m_new
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-    # +inf for a row without a finite logit (row 0 when S < s/2): its mass below is then 0.
-    lse = tl.where(l_i > 0, m_ref + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
-    tl.store(ROW_LSE + scratch_row, lse, mask=row_ok)
+    # The split's share of the row's log-sum-exp; -inf where it saw no finite logit (an empty
+    # split, or row 0 when S < s/2). The second kernel combines the splits.
+    lse = tl.where(l_i > 0, m_ref + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    split_rows = tl.num_programs(0) // (tiles * splits) * GROUP * chunk_rows
+    tl.store(ROW_LSE + split.to(tl.int64) * split_rows + scratch_row, lse, mask=row_ok)
 
 
 @triton.jit
@@ -385,6 +402,22 @@ def _rows_peak(share, R: tl.constexpr, J: tl.constexpr, SUBS: tl.constexpr):
     """`[R, J]` shares of rows in sub-blocks -> `[J // SUBS]`: the largest of the rows' sums
     over each key block's SUBS sub-blocks."""
     return tl.max(tl.sum(tl.reshape(share, (R, J // SUBS, SUBS)), 2), 0)
+
+
+@triton.jit
+def _row_lse(ROW_LSE, rows, ok, splits, split_rows):
+    """A row's log2-domain log-sum-exp `[R]` from its key splits' shares (-inf: a split without
+    a finite logit); +inf for a row without any, so that its shares below are 0."""
+    m = tl.full(rows.shape, float("-inf"), tl.float32)
+    for split in range(0, splits):
+        lse = tl.load(ROW_LSE + split * split_rows + rows, mask=ok, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros(rows.shape, tl.float32)
+    for split in range(0, splits):
+        lse = tl.load(ROW_LSE + split * split_rows + rows, mask=ok, other=float("-inf"))
+        total += tl.exp2(lse - m_ref)
+    return tl.where(total > 0, m_ref + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
 
 
 @triton.jit
@@ -396,6 +429,8 @@ def _block_mass_kernel(
     row_end,
     row0,
     q_block0,
+    splits,
+    split_rows,
     chunk_rows,
     width,
     out_q0,
@@ -422,7 +457,7 @@ def _block_mass_kernel(
         for r0 in range(first, last, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             rows = bh.to(tl.int64) * chunk_rows + (r - row0)
-            lse = tl.load(ROW_LSE + rows, mask=r < last, other=float("inf"))
+            lse = _row_lse(ROW_LSE, rows, r < last, splits, split_rows)
             # Only entries the first kernel wrote: sub-blocks starting at or before the row.
             ok = (r[:, None] < last) & (j[None, :] * SUB <= r[:, None])
             lse_sub = tl.load(
@@ -435,6 +470,18 @@ def _block_mass_kernel(
         block_mass = tl.sum(tl.reshape(mass, (BLOCK_J // SUBS, SUBS)), 1)
         tl.store(EST + out + kb, block_mass, mask=kb * SUBS < num_sub)
         tl.store(PEAK + out + kb, peak, mask=kb * SUBS < num_sub)
+
+
+def key_splits(requested: int, programs: int, key_tiles: int, device: torch.device) -> int:
+    """Programs per row tile of a launch of `programs` row tiles whose longest spans
+    `key_tiles` key tiles: `requested` if > 0, else enough to give the GPU `SPLIT_WAVES`
+    programs per SM (1 off CUDA); never more than `key_tiles`."""
+    if requested > 0:
+        return min(requested, key_tiles)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(key_tiles, triton.cdiv(SPLIT_WAVES * sms, programs)))
 
 
 @triton_op("flexsample::antidiagonal_scores", mutates_args=())
@@ -455,13 +502,16 @@ def antidiagonal_block_scores(
     first_q: int,
     end_q: int,
     q_row0: int,
+    splits: int,
 ) -> torch.Tensor:
     """q `[B, Hq, L, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
     its mass and peak stacked, `[2, B, Hq, end_q - first_q, nKV]` (fp32, zeros above the
     diagonal); q holds rows q_row0..
     q_row0 + L - 1 and is read at the blocks' rows only. Strided rows are launched in chunks
     whose scratch holds at most `chunk_elements` floats (or one query block / tile of rows,
-    whichever is more); the other arguments are the first kernel's launch parameters."""
+    whichever is more); `splits` > 0 splits each row tile's keys into that many programs (at
+    most one key tile each), 0 lets `key_splits` choose per launch; the other arguments are
+    the first kernel's launch parameters."""
     batch, heads, _, dim = q.shape
     seq_len = k.shape[2]
     kv_heads = k.shape[1]
@@ -477,16 +527,22 @@ def antidiagonal_block_scores(
     chunk_rows = max(unit, chunk_elements // (batch * heads * width) // unit * unit)
     row_lo, row_hi = first_q * per_q, min(end_q * per_q, num_strided)
     chunk_rows = min(chunk_rows, triton.cdiv(row_hi - row_lo, unit) * unit)
-    est = torch.zeros(2, batch, heads, end_q - first_q, num_kv, device=q.device)
-    block_lse = torch.empty(batch * heads, chunk_rows, width, device=q.device)
-    row_lse = torch.empty(batch * heads, chunk_rows, device=q.device)
-    upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    block_k = min(block_k, max(16, triton.next_power_of_2(dim)))
-    block_r = min(32, triton.next_power_of_2(per_q))
+    launches = []
     for row0 in range(row_lo, row_hi, chunk_rows):
         chunk = min(chunk_rows, row_hi - row0)
         tiles = triton.cdiv(chunk, rows)
-        wrap_triton(_strided_lse_kernel)[(tiles * batch * kv_heads,)](
+        key_tiles = triton.cdiv(min(row0 + tiles * rows, row_hi), block_n)
+        programs = tiles * batch * kv_heads
+        launches.append((row0, chunk, tiles, key_splits(splits, programs, key_tiles, q.device)))
+    est = torch.zeros(2, batch, heads, end_q - first_q, num_kv, device=q.device)
+    block_lse = torch.empty(batch * heads, chunk_rows, width, device=q.device)
+    most = max(launch[3] for launch in launches)
+    row_lse = torch.empty(most, batch * heads, chunk_rows, device=q.device)
+    upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    block_k = min(block_k, max(16, triton.next_power_of_2(dim)))
+    block_r = min(32, triton.next_power_of_2(per_q))
+    for row0, chunk, tiles, split in launches:
+        wrap_triton(_strided_lse_kernel)[(tiles * batch * kv_heads * split,)](
             q,
             k,
             block_lse,
@@ -499,6 +555,7 @@ def antidiagonal_block_scores(
             kv_heads,
             row0,
             tiles,
+            split,
             chunk_rows,
             width,
             scale * math.log2(math.e),
@@ -526,6 +583,8 @@ def antidiagonal_block_scores(
             row_hi,
             row0,
             row0 // per_q,
+            split,
+            batch * heads * chunk_rows,
             chunk_rows,
             width,
             first_q,
@@ -554,9 +613,11 @@ def triton_antidiagonal_scores(
     num_stages: int = NUM_STAGES,
     q_blocks: tuple[int, int] | None = None,
     q_row0: int = 0,
+    splits: int = 0,
 ) -> BlockEstimate:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
-    tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K)."""
+    tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K; splits 0:
+    `key_splits` chooses)."""
     if block_k is None:
         hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
         block_k = BLOCK_K_SM90 if hopper else BLOCK_K
@@ -578,5 +639,6 @@ def triton_antidiagonal_scores(
         first_q,
         end_q,
         q_row0,
+        splits,
     )
     return BlockEstimate(*both.unbind(0))
