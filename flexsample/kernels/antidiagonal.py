@@ -68,10 +68,13 @@ from flexsample.config import SampleConfig
 #: BLOCK_K_SM90 there and BLOCK_K elsewhere.
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 3
 BLOCK_K_SM90 = 128
-#: A launch of fewer row tiles than this many waves of programs splits each tile's keys among
-#: several programs (`key_splits`): at short lengths the tiles alone leave most SMs idle (16K,
-#: 6 query / 2 KV heads: 64 programs on 132 SMs).
-SPLIT_WAVES = 4
+#: Key tiles a split keeps at least (`key_splits`): a launch whose longest row tile spans
+#: fewer than twice this many is never split. Measured on the H200 (bench/results/
+#: antidiagonal_splits.md, splits as many as gave the GPU 4 programs per SM): 32K with 6
+#: query / 2 KV heads (128 programs, longest 16 key tiles) 0.461 -> 0.283 ms; 16K, 6 / 2 (64
+#: programs, 8 tiles) 0.241 -> 0.209 ms; 8K with 32 / 8 heads (128 programs, 4 tiles) 0.174
+#: -> 0.206 ms, slower: short programs pay their fixed costs more often than they balance.
+SPLIT_MIN_TILES = 4
 
 
 @triton.jit
@@ -472,16 +475,21 @@ def _block_mass_kernel(
         tl.store(PEAK + out + kb, peak, mask=kb * SUBS < num_sub)
 
 
-def key_splits(requested: int, programs: int, key_tiles: int, device: torch.device) -> int:
-    """Programs per row tile of a launch of `programs` row tiles whose longest spans
-    `key_tiles` key tiles: `requested` if > 0, else enough to give the GPU `SPLIT_WAVES`
-    programs per SM (1 off CUDA); never more than `key_tiles`."""
+def key_splits(
+    requested: int, programs: int, shortest: int, longest: int, device: torch.device
+) -> int:
+    """Programs per row tile of a launch of `programs` row tiles spanning `shortest` to
+    `longest` key tiles (causal: a ramp): `requested` if > 0 (at most `longest`), else 1 off
+    CUDA, else the fewest splits that bring the longest program down to the launch's mean
+    work per SM (one program per SM: the first kernel's shared memory), keeping
+    `SPLIT_MIN_TILES` key tiles a split."""
     if requested > 0:
-        return min(requested, key_tiles)
+        return min(requested, longest)
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(key_tiles, triton.cdiv(SPLIT_WAVES * sms, programs)))
+    per_sm = programs * (shortest + longest) / 2 / sms
+    return max(1, min(longest // SPLIT_MIN_TILES, math.ceil(longest / max(per_sm, 1.0))))
 
 
 @triton_op("flexsample::antidiagonal_scores", mutates_args=())
@@ -531,9 +539,11 @@ def antidiagonal_block_scores(
     for row0 in range(row_lo, row_hi, chunk_rows):
         chunk = min(chunk_rows, row_hi - row0)
         tiles = triton.cdiv(chunk, rows)
-        key_tiles = triton.cdiv(min(row0 + tiles * rows, row_hi), block_n)
+        longest = triton.cdiv(min(row0 + tiles * rows, row_hi), block_n)
+        shortest = triton.cdiv(min(row0 + rows, row_hi), block_n)
         programs = tiles * batch * kv_heads
-        launches.append((row0, chunk, tiles, key_splits(splits, programs, key_tiles, q.device)))
+        split = key_splits(splits, programs, shortest, longest, q.device)
+        launches.append((row0, chunk, tiles, split))
     est = torch.zeros(2, batch, heads, end_q - first_q, num_kv, device=q.device)
     block_lse = torch.empty(batch * heads, chunk_rows, width, device=q.device)
     most = max(launch[3] for launch in launches)
