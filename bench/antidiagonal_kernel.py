@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         "block_k": f"{kernels.BLOCK_K} ({kernels.BLOCK_K_SM90} on sm_90+)",
         "num_warps": kernels.NUM_WARPS,
         "num_stages": kernels.NUM_STAGES,
-        "splits": f"key_splits (SPLIT_WAVES {kernels.SPLIT_WAVES})",
+        "splits": f"key_splits (SPLIT_MIN_TILES {kernels.SPLIT_MIN_TILES})",
     }
     notes = [
         "Inputs: structured_qkv, B=1, Hq/Hkv as in 'heads', D=128, bf16; SampleConfig(estimator="

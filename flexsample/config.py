@@ -41,9 +41,12 @@ class SampleConfig:
         bench/results/attention_short.md, 2026-11-26 16:15), so sparsity pays from the
         shortest measured length on both backends. Shorter lengths were not measured. (The
         stripes estimator lost below 12K: 0.64x / 0.70x at 8K in the same run.) That run
-        predates the row peaks and `dense_tail`; the tail's dense row at 8K is 64 blocks of
-        one program's serial work, ~0.09 ms at the 1.4 us per block it cost at 32K, which
-        would leave ~1.5x / ~1.7x (an estimate, not re-measured).
+        predates the row peaks and `dense_tail`. With both, and the op's CUDA-graph replay
+        (`graph_max_len`), the op at 8K in transformers' layout (H200, FA4, op_graphs.md)
+        takes 0.654 ms of device time against cuDNN's 0.953 on the Llama-3-8B shape (1.46x)
+        but 0.312 against 0.222 on the real-text model's 6 query / 2 KV heads (0.71x), and
+        without replay 1.39 / 1.56 ms, host-bound: where sparsity pays at 8K depends on the
+        model's width, and below 8K was not measured.
     max_stripe_ratio: optional cap on the share of KV blocks kept as stripes (per head), for
         fixed-density benchmarks; None means no cap.
     tile_alpha: None (the paper's selection from the mean over sampled rows), or a CRA
@@ -131,9 +134,10 @@ class SampleConfig:
         Hq 32), 2.1x / 1.3x at 16K and 1.4x / 1.0x at 32K (0.995: neutral where the device
         work already hides the host's); the real-text model's prefill
         (ttft_realtext_graphs.md) goes from 0.41x to 1.01x the fastest dense compiled path at
-        16K and from 1.04x to 1.48x at 32K. Longer prompts were not measured: device time
-        there exceeds the launch cost, and each cached length holds its own buffers
-        (`flexsample/graphs.py`).
+        16K and from 1.04x to 1.48x at 32K (1.04x and 1.68x after the estimate's key splits,
+        ttft_realtext_splits.md, another machine and training). Longer prompts were not
+        measured: device time there exceeds the launch cost, and each cached length holds its
+        own buffers: 96 / 408 MiB at 16K, 168 / 852 MiB at 32K (op_graphs_splits.md).
     """
 
     alpha: float = 0.9

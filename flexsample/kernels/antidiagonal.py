@@ -69,11 +69,13 @@ from flexsample.config import SampleConfig
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 3
 BLOCK_K_SM90 = 128
 #: Key tiles a split keeps at least (`key_splits`): a launch whose longest row tile spans
-#: fewer than twice this many is never split. Measured on the H200 (bench/results/
-#: antidiagonal_splits.md, splits as many as gave the GPU 4 programs per SM): 32K with 6
-#: query / 2 KV heads (128 programs, longest 16 key tiles) 0.461 -> 0.283 ms; 16K, 6 / 2 (64
-#: programs, 8 tiles) 0.241 -> 0.209 ms; 8K with 32 / 8 heads (128 programs, 4 tiles) 0.174
-#: -> 0.206 ms, slower: short programs pay their fixed costs more often than they balance.
+#: fewer than twice this many is never split. Measured on the H200: splitting as much as gave
+#: the GPU 4 programs per SM (bench/results/antidiagonal_splits_waves4.md) took 32K with 6
+#: query / 2 KV heads (128 programs, longest 16 key tiles) from 0.461 to 0.283 ms but 8K with
+#: 32 / 8 heads (128 programs, 4 tiles) from 0.174 to 0.206 ms; with this rule
+#: (antidiagonal_splits.md) 32K 6 / 2 takes 2 splits, 0.463 -> 0.277 ms (4, 5, 8 splits:
+#: 0.28-0.29), 16K 32 / 8 none (1 split 0.315 ms, 2-8 splits 0.327-0.339). Below ~0.3 ms the
+#: sweeps are launch-bound and vary run to run, so 8K and 16K with 6 / 2 heads are not settled.
 SPLIT_MIN_TILES = 4
 
 
