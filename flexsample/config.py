@@ -124,9 +124,10 @@ class SampleConfig:
         structured inputs (attention.md against attention_before_tail.md, H100): 128K 9.28x ->
         8.74x cuDNN (density 0.0374 -> 0.0393, sparse attention 8.53 -> 10.2 ms), 32K 5.82x
         -> 5.20x.
-    graph_max_len: prefill lengths up to which the op (`flexsample::sample_attention`, behind
-        both doors) replays its sparse path as one CUDA graph (`flexsample/graphs.py`), an
-        integer >= 0 (0: never). Launching the path from Python costs ~1.4 ms of host time a
+    graph_max_len: prefill tokens per call (batch x length) up to which the op
+        (`flexsample::sample_attention`, behind both doors) replays its sparse path as one
+        CUDA graph on the device's default stream (`flexsample/graphs.py`), an integer >= 0
+        (0: never). Launching the path from Python costs ~1.4 ms of host time a
         call, more than its device time on small models and short prompts; a replay costs
         ~0.16 ms. 32768: on the H200 (bench/results/op_graphs.md, the op in transformers'
         layout, FA4), per call with a device sync after each (as the door's compiled prefill

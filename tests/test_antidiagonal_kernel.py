@@ -70,7 +70,7 @@ def test_kernel_matches_reference(
     inputs, stride, q_block, kv_block, chunk_elements, cell_score, splits
 ):
     """Default tiles; chunk_elements 1 launches one query block or row tile at a time; splits
-    > 0 splits the keys of every row tile (at most one key tile each)."""
+    > 0 splits the key tiles of every row tile among that many programs (some shares empty)."""
     q, k, _ = (x.to(DEVICE) for x in inputs)
     stride = min(stride, q_block, kv_block)
     config = SampleConfig(

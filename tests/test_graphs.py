@@ -69,22 +69,35 @@ def test_every_part_of_the_signature_gets_its_own_graph(change):
     assert len(capture.calls) == 2
 
 
-def test_a_failed_capture_is_remembered_not_retried():
+def test_a_failed_capture_is_remembered_not_retried_and_takes_no_slot():
     capture = _Recorder(failing=(300,))
+    cache = graphs.GraphCache(capture, size=1)
+    assert cache.get(*_inputs(300), CONFIG, None) is None
+    working = cache.get(*_inputs(301), CONFIG, None)
+    assert cache.get(*_inputs(300), CONFIG, None) is None
+    assert cache.get(*_inputs(301), CONFIG, None) is working
+    assert capture.calls == [300, 301]
+
+
+def test_the_default_scale_and_its_value_share_a_graph():
+    capture = _Recorder()
     cache = graphs.GraphCache(capture)
-    assert cache.get(*_inputs(300), CONFIG, None) is None
-    assert cache.get(*_inputs(300), CONFIG, None) is None
-    assert capture.calls == [300]
+    q, k, v = _inputs(300)
+    assert cache.get(q, k, v, CONFIG, None) is cache.get(q, k, v, CONFIG, q.shape[-1] ** -0.5)
+    assert len(capture.calls) == 1
 
 
-def test_replay_needs_cuda_and_a_short_prompt():
-    q = _inputs(300)[0]
+def test_replay_needs_cuda_few_tokens_and_the_default_stream():
+    q = _inputs(300, batch=2)[0]
     assert not graphs.replay_applies(q, CONFIG)  # CPU
     if torch.cuda.is_available():
         q = q.cuda()
         assert graphs.replay_applies(q, CONFIG)
-        assert not graphs.replay_applies(q, dataclasses.replace(CONFIG, graph_max_len=299))
+        assert graphs.replay_applies(q, dataclasses.replace(CONFIG, graph_max_len=600))
+        assert not graphs.replay_applies(q, dataclasses.replace(CONFIG, graph_max_len=599))
         assert not graphs.replay_applies(q, dataclasses.replace(CONFIG, graph_max_len=0))
+        with torch.cuda.stream(torch.cuda.Stream()):
+            assert not graphs.replay_applies(q, CONFIG)
 
 
 def _op(q, k, v, config, scale=None):
@@ -126,7 +139,7 @@ def test_replay_equals_the_unreplayed_op(
         want = _op(q, k, v, unreplayed)
         assert got.stride() == want.stride()
         assert torch.equal(got, want)
-    assert len(graphs._cache.entries) == 1
+    assert len(graphs._cache.entries) == 1 and not graphs._cache.failed  # replayed, not fallen back
 
 
 @pytest.mark.gpu
@@ -159,6 +172,29 @@ def test_inside_an_outer_capture_the_path_is_captured_not_replayed(fresh_graphs)
         static.copy_(new)
     outer.replay()
     assert torch.equal(out, _op(y.q, y.k, y.v, dataclasses.replace(CONFIG, graph_max_len=0)))
+
+
+@pytest.mark.gpu
+def test_a_model_compiled_with_reduce_overhead_gets_the_unreplayed_answers(fresh_graphs):
+    """Inductor's CUDA-graph trees warm up on a side stream with allocations routed to their
+    pool, then capture, then replay: the op must neither replay nor capture a graph of its own
+    there (its buffers would share the pool with the model's tensors). Two sparse calls with
+    a tensor live between them, three calls of the compiled function on fresh inputs."""
+
+    op = torch.ops.flexsample.sample_attention
+
+    def two_layers(q, k, v, text):
+        hidden = op(q, k, v, None, None, False, text) * 2
+        return op(hidden, k, v, None, None, False, text) + hidden
+
+    replayed = config_to_str(dataclasses.replace(CONFIG, graph_max_len=1 << 20))
+    unreplayed = config_to_str(dataclasses.replace(CONFIG, graph_max_len=0))
+    compiled = torch.compile(two_layers, mode="reduce-overhead")
+    for seed in range(3):
+        x = structured_qkv(1, 4, 4, 1024, 64, dtype=torch.bfloat16, device="cuda", seed=seed)
+        got = compiled(x.q, x.k, x.v, replayed).clone()
+        assert torch.equal(got, two_layers(x.q, x.k, x.v, unreplayed))
+    assert not graphs._cache.entries
 
 
 @pytest.mark.gpu

@@ -413,6 +413,7 @@ def _rows_peak(share, R: tl.constexpr, J: tl.constexpr, SUBS: tl.constexpr):
 def _row_lse(ROW_LSE, rows, ok, splits, split_rows):
     """A row's log2-domain log-sum-exp `[R]` from its key splits' shares (-inf: a split without
     a finite logit); +inf for a row without any, so that its shares below are 0."""
+    # int32 suffices: split * split_rows < the scratch (splits < its width), ~CHUNK_ELEMENTS.
     m = tl.full(rows.shape, float("-inf"), tl.float32)
     for split in range(0, splits):
         lse = tl.load(ROW_LSE + split * split_rows + rows, mask=ok, other=float("-inf"))
@@ -519,9 +520,10 @@ def antidiagonal_block_scores(
     diagonal); q holds rows q_row0..
     q_row0 + L - 1 and is read at the blocks' rows only. Strided rows are launched in chunks
     whose scratch holds at most `chunk_elements` floats (or one query block / tile of rows,
-    whichever is more); `splits` > 0 splits each row tile's keys into that many programs (at
-    most one key tile each), 0 lets `key_splits` choose per launch; the other arguments are
-    the first kernel's launch parameters."""
+    whichever is more); `splits` > 0 splits each row tile's key tiles among that many programs
+    (at most the longest tile's key tiles; equal shares of whole tiles, so the last shares
+    may be empty), 0 lets `key_splits` choose per launch; the other arguments are the first
+    kernel's launch parameters."""
     batch, heads, _, dim = q.shape
     seq_len = k.shape[2]
     kv_heads = k.shape[1]
