@@ -6,9 +6,11 @@ Hkv 8, D 128, bf16) on `flexsample.synthetic.structured_qkv` inputs, built on ev
 one seed and zigzag-sharded (`flexsample.distributed.shard_sequence`). Per length:
 - "flexsample CP": `context_parallel_sample_attention`, end to end (all-gather K/V, stage 1 on
   the rank's sampled rows, all-reduce, selection, shard mask, flex), and its parts;
-- "dense CP sdpa": `context_parallel_dense_attention(kernel="sdpa")`: all-gather K/V, then SDPA
-  per chunk with the causal rule aligned bottom-right (FlashAttention 2 in torch's SDPA; cuDNN
-  has no such variant there);
+- "dense CP cudnn": `context_parallel_dense_attention(kernel="cudnn")`: all-gather K/V, then per
+  chunk cuDNN over the causal square and the rectangle of earlier keys, merged by log-sum-exp
+  (the kernel of the single-GPU baseline, cuDNN, in the same sharding);
+- "dense CP sdpa": the same layout, SDPA per chunk with the causal rule aligned bottom-right
+  (FlashAttention 2 in torch's SDPA; cuDNN has no such variant there);
 - "dense CP flex": the same layout with flex_attention over every causal block (the kernel the
   sparse path runs).
 Times: each op runs the same number of times on every rank (a collective inside forbids
@@ -16,7 +18,9 @@ do_bench's adaptive repeat counts), after a warm-up call that compiles; per call
 rank's time (max over ranks), median over calls; "imbalance" = slowest / fastest rank of the
 flexsample op. Then, at `--check-len` (fits one GPU), the CP output against single-GPU
 `sample_attention` on the whole sequence: whether every rank's mask rows equal the
-single-GPU mask's, and the output error. Rank 0 writes bench/results/context_parallel.{md,json}
+single-GPU mask's, and the output error. With `--single-len`, rank 0 alone times the single-GPU
+op and SDPA cuDNN at that length (the gain that CP is held to), the other ranks waiting. Rank 0
+writes bench/results/context_parallel.{md,json}
 (`--name`) after every length. CPU smoke run (gloo, small shapes, bench/results/cpu):
 `torchrun --nproc_per_node 2 -m bench.context_parallel --cpu-smoke`.
 """
@@ -31,6 +35,8 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.harness import RESULTS, add_config_overrides, progress, write_results
 from flexsample import SampleConfig, sample_attention, sample_block_mask
@@ -48,13 +54,16 @@ COLUMNS = [
     "sparse attn ms",
     "flexsample CP ms",
     "imbalance",
+    "dense CP cudnn ms",
     "dense CP sdpa ms",
     "dense CP flex ms",
+    "x vs dense cudnn",
     "x vs dense sdpa",
     "x vs dense flex",
     "peak GiB",
 ]
 CHECK_COLUMNS = ["S", "ranks", "mask rows equal", "max abs err", "rel RMS err", "density"]
+SINGLE_COLUMNS = ["S", "density", "flexsample op ms", "SDPA cuDNN ms", "x vs cuDNN"]
 #: (Hq, Hkv, D, dtype, device) of the GPU run (Llama-3-8B attention) and of the CPU smoke run.
 GPU_SHAPE = (32, 8, 128, torch.bfloat16, "cuda")
 CPU_SHAPE = (8, 2, 64, torch.float32, "cpu")
@@ -65,13 +74,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int, device: str) -> tuple[float, float]:
+def timed(fn, reps: int, device: str, *, alone: bool = False) -> tuple[float, float]:
     """(median over calls of the slowest rank's ms, median slowest / fastest rank) of `fn()`,
-    called `reps` times on every rank after one warm-up call."""
+    called `reps` times on every rank after one warm-up call; `alone`: this rank only, no
+    collective (ratio 1)."""
     fn()
     slowest, ratio = [], []
     for _ in range(reps):
         _sync(device)
+        if alone:
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            slowest.append((time.perf_counter() - start) * 1000)
+            ratio.append(1.0)
+            continue
         dist.barrier()
         start = time.perf_counter()
         fn()
@@ -113,9 +130,14 @@ def parts(q, k, v, seq_len: int, config: SampleConfig, shard: cp.Shard, args) ->
         lambda: cp.gather_sequence(k, None, seq_len, block=config.q_block), args.reps, device
     )
     mask = cp.context_parallel_block_mask(q, kf, config)
-    build, _ = timed(lambda: cp.context_parallel_block_mask(q, kf, config), args.reps, device)
-    attn, _ = timed(lambda: cp.shard_attention(q, kf, vf, mask, shard, config), args.reps, device)
+    # Counted before the attention runs: the dense tail's split rewrites its rows in place.
     pairs = kept_pairs(kept_blocks(mask), shard, config.q_block, config.kv_block)
+    build, _ = timed(lambda: cp.context_parallel_block_mask(q, kf, config), args.reps, device)
+    attn, _ = timed(
+        lambda: cp.shard_attention(q, kf, vf, mask, shard, config, split_tail=True),
+        args.reps,
+        device,
+    )
     pairs = torch.tensor([pairs], device=device)
     dist.all_reduce(pairs)
     return {
@@ -149,7 +171,7 @@ def measure(seq_len: int, config: SampleConfig, args, rank: int, world: int) -> 
 
     row |= parts(q, k, v, seq_len, config, shard, args)
 
-    for kernel in ("sdpa", "flex"):
+    for kernel in args.dense_kernels:
         column = f"dense CP {kernel} ms"
         try:
             row[column], _ = timed(
@@ -167,6 +189,43 @@ def measure(seq_len: int, config: SampleConfig, args, rank: int, world: int) -> 
             progress(f"  {column} {row[column]}")
         if device == "cuda":
             torch.cuda.empty_cache()
+    return row
+
+
+def single_gpu(seq_len: int, config: SampleConfig, args, rank: int) -> dict:
+    """Rank 0 alone, on the whole sequence: flexsample's op and SDPA cuDNN (K/V expanded to Hq
+    heads, not timed; as bench/dense.py), i.e. the single-GPU gain at `seq_len`."""
+    row = {"S": seq_len}
+    if rank == 0:
+        device = args.shape[4]
+        x = inputs(seq_len, args.shape, args.seed, device)
+        row["flexsample op ms"], _ = timed(
+            lambda: sample_attention(x.q, x.k, x.v, config, enable_gqa=True),
+            args.reps,
+            device,
+            alone=True,
+        )
+        mask = sample_block_mask(x.q, x.k, config)
+        row["density"] = (
+            block_density(kept_blocks(mask), seq_len, seq_len, config.q_block, config.kv_block)
+            .mean()
+            .item()
+        )
+        del mask
+        group = x.q.shape[1] // x.k.shape[1]
+        ke, ve = (t.repeat_interleave(group, 1) for t in (x.k, x.v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            row["SDPA cuDNN ms"], _ = timed(
+                lambda: F.scaled_dot_product_attention(x.q, ke, ve, is_causal=True),
+                args.reps,
+                device,
+                alone=True,
+            )
+        row["x vs cuDNN"] = row["SDPA cuDNN ms"] / row["flexsample op ms"]
+        progress(f"  single GPU {row}")
+        del x, ke, ve
+        torch.cuda.empty_cache()
+    dist.barrier()
     return row
 
 
@@ -212,6 +271,16 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="flex_attention's kernel for the sparse path (SampleConfig.flex_backend)",
     )
+    parser.add_argument(
+        "--dense-kernels",
+        nargs="+",
+        choices=["cudnn", "sdpa", "flex"],
+        default=["cudnn", "sdpa", "flex"],
+        help="dense CP baselines to time (context_parallel_dense_attention's kernel)",
+    )
+    parser.add_argument(
+        "--single-len", type=int, default=0, help="rank 0 times the single-GPU op (0: skip)"
+    )
     parser.add_argument("--name", default="context_parallel")
     parser.add_argument("--cpu-smoke", action="store_true", help="gloo, small shapes, no GPU")
     args = parser.parse_args(argv)
@@ -233,19 +302,22 @@ def main(argv: list[str] | None = None) -> None:
         progress = _quiet  # one rank reports
     base = {"min_seq_len": 0}
     config = SampleConfig(**(base | {"flex_backend": args.flex_backend} | dict(args.set)))
-    rows, checks = [], []
+    rows, checks, single = [], [], []
     try:
         if args.check_len:
             progress(f"check at S={args.check_len}")
             checks.append(check(args.check_len, config, args, rank, world))
             progress(f"  {checks[-1]}")
+        if args.single_len and not args.cpu_smoke:
+            progress(f"single GPU at S={args.single_len}")
+            single.append(single_gpu(args.single_len, config, args, rank))
         for seq_len in args.lengths:
             progress(f"S={seq_len}")
             rows.append(measure(seq_len, config, args, rank, world))
             if rank == 0:
-                _write(args, config, world, rows, checks)
+                _write(args, config, world, rows, checks, single)
         if rank == 0:
-            print(open(_write(args, config, world, rows, checks)).read())
+            print(open(_write(args, config, world, rows, checks, single)).read())
     finally:
         dist.destroy_process_group()
 
@@ -254,7 +326,9 @@ def _quiet(message: str) -> None:
     del message
 
 
-def _write(args, config: SampleConfig, world: int, rows: list[dict], checks: list[dict]):
+def _write(
+    args, config: SampleConfig, world: int, rows: list[dict], checks: list[dict], single: list
+):
     heads, kv_heads, dim, dtype, device = args.shape
     backend = dist.get_backend()
     nvls = os.environ.get("NCCL_NVLS_ENABLE", "unset")
@@ -271,16 +345,25 @@ def _write(args, config: SampleConfig, world: int, rows: list[dict], checks: lis
         "Parts of the flexsample op, each timed alone: 'gather ms' (K and V all-gathers), "
         "'mask build ms' (stripes: stage 1 on the rank's sampled rows, all-reduce, selection, "
         "shard block lists; antidiagonal: each chunk's estimate and selection, the shard "
-        "BlockMask), 'sparse attn ms' (flex_attention over the shard).",
+        "BlockMask), 'sparse attn ms' (flex_attention over the shard; on the rank holding the "
+        "dense tail, its rows split apart as single-GPU flexsample runs them, flexsample/tail.py).",
         "'x vs dense ...' = dense CP time / flexsample CP time, all end to end with the "
-        "all-gathers. Dense CP sdpa: FlashAttention via causal_lower_right per chunk. "
-        "Dense CP flex: flex_attention with every causal block, same layout.",
+        "all-gathers (the flexsample op's V gather overlaps its mask build). Dense CP cudnn: "
+        "per chunk cuDNN over the causal square and over the rectangle of earlier keys "
+        "(K/V expanded to Hq heads, timed), merged by log-sum-exp. Dense CP sdpa: "
+        "FlashAttention via causal_lower_right per chunk. Dense CP flex: flex_attention with "
+        "every causal block, same layout (FLASH backend where it can run).",
+        "Single GPU table (rank 0 alone, whole sequence, same inputs and config): "
+        "sample_attention end to end and SDPA cuDNN on K/V expanded to Hq heads (not timed), "
+        "timed like the CP ops (warm-up, then the median of the calls).",
         "density: kept causal pairs over all ranks / (S(S+1)/2), per head, averaged.",
         "Check table: CP vs single-GPU sample_attention on the whole sequence (same config): "
         "'mask rows equal' is true when every rank's kept blocks equal the single-GPU mask's "
         "rows; errors are over all ranks' outputs, in the inputs' dtype.",
     ]
     tables = [("Context parallel attention", COLUMNS, rows)]
+    if single:
+        tables.append(("Single GPU (rank 0 alone)", SINGLE_COLUMNS, single))
     if checks:
         tables.append(("Equality with single-GPU flexsample", CHECK_COLUMNS, checks))
     return write_results(args.name, "Context-parallel attention", tables, notes, args.out_dir)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.harness import RESULTS, progress, time_ms, write_results
-from flexsample import SampleConfig, graphs
+from flexsample import SampleConfig, graphs, tail
 from flexsample.op import config_to_str
 from flexsample.synthetic import structured_qkv
 
@@ -32,6 +32,7 @@ COLUMNS = [
     "S",
     "shape",
     "replay",
+    "split tail",
     "device ms",
     "host ms",
     "synced ms",
@@ -56,7 +57,9 @@ def _per_call(fn, calls: int, sync_each: bool) -> float:
     return elapsed / calls * 1e3
 
 
-def measure(length: int, heads: int, kv_heads: int, calls: int) -> list[dict]:
+def measure(
+    length: int, heads: int, kv_heads: int, calls: int, splits: tuple[bool, ...] = (True,)
+) -> list[dict]:
     x = structured_qkv(1, heads, kv_heads, length, 128, dtype=torch.bfloat16, device="cuda")
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (x.q, x.k, x.v))
     op = torch.ops.flexsample.sample_attention
@@ -65,8 +68,8 @@ def measure(length: int, heads: int, kv_heads: int, calls: int) -> list[dict]:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense = time_ms(lambda: F.scaled_dot_product_attention(x.q, ke, ve, is_causal=True))
     rows = []
-    for replay in (False, True):
-        config = SampleConfig(graph_max_len=length if replay else 0)
+    for replay, split in ((r, t) for r in (False, True) for t in splits):
+        config = SampleConfig(graph_max_len=length if replay else 0, split_tail=split)
         text = config_to_str(config)
 
         def call(text=text):
@@ -85,6 +88,7 @@ def measure(length: int, heads: int, kv_heads: int, calls: int) -> list[dict]:
         row = {
             "S": length,
             "replay": replay,
+            "split tail": split,
             "device ms": time_ms(call),
             "host ms": _per_call(call, calls, sync_each=False),
             "synced ms": _per_call(call, calls, sync_each=True),
@@ -106,18 +110,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--name", default="op_graphs")
+    parser.add_argument(
+        "--split-tail",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="SampleConfig.split_tail values to run (each with replay on and off)",
+    )
     args = parser.parse_args(argv)
+    splits = tuple(choice == "on" for choice in args.split_tail)
     rows = []
     for length in args.lengths:
         for shape, (heads, kv_heads) in SHAPES.items():
-            for row in measure(length, heads, kv_heads, args.calls):
+            for row in measure(length, heads, kv_heads, args.calls, splits):
                 rows.append({"shape": shape, **row})
                 progress(f"{length} {shape} replay={row['replay']}: {row}")
     notes = [
         "Inputs: flexsample.synthetic.structured_qkv(seed=0), B 1, D 128, bf16, in transformers' "
         "layout; the op with the default config "
         f"({dataclasses.replace(SampleConfig(), graph_max_len=0)}, graph_max_len = S for "
-        "'replay' True, 0 for False).",
+        "'replay' True, 0 for False; split_tail as in 'split tail': the dense tail's rows run "
+        "apart (flexsample/tail.py) where tail.plan applies, at any length when replayed, "
+        f"from {tail.EAGER_MIN_BLOCKS} query blocks unreplayed).",
         "device ms: triton.testing.do_bench median. host ms: issue time per call over "
         f"{args.calls} calls without a sync. synced ms: per call with a torch.cuda.synchronize "
         "after each. 'x device' / 'x synced': the unreplayed row's time over this row's.",

@@ -124,6 +124,14 @@ class SampleConfig:
         structured inputs (attention.md against attention_before_tail.md, H100): 128K 9.28x ->
         8.74x cuDNN (density 0.0374 -> 0.0393, sparse attention 8.53 -> 10.2 ms), 32K 5.82x
         -> 5.20x.
+    split_tail: antidiagonal mode, CUDA: a bool; True runs the dense tail's rows apart from
+        the mask's long row (`flexsample/tail.py`): their diagonal square in the main flex
+        call, the earlier keys in equal parts as one more flex call, merged by log-sum-exp.
+        Same attention, other summation order. In the op's replay at any length, eagerly
+        from `tail.EAGER_MIN_BLOCKS` query blocks. H200, Llama-3-8B shape: sparse attention
+        at 128K 9.98 -> 9.25 ms on FLASH, 17.4 -> 15.7 on Triton (tail_split_64k.md); the op
+        replayed, synced per call, at 32K 3.63 -> 3.35 ms, real-text shape 1.29 -> 0.897
+        (op_graphs_tail.md).
     graph_max_len: prefill tokens per call (batch x length) up to which the op
         (`flexsample::sample_attention`, behind both doors) replays its sparse path as one
         CUDA graph on the device's default stream (`flexsample/graphs.py`), an integer >= 0
@@ -159,6 +167,7 @@ class SampleConfig:
     local_blocks: int = 1
     row_threshold: float | None = 7.5
     dense_tail: int = 64
+    split_tail: bool = True
     graph_max_len: int = 32768
 
     def __post_init__(self) -> None:
@@ -205,6 +214,8 @@ class SampleConfig:
             )
         _check_int("local_blocks", self.local_blocks, 0)
         _check_int("dense_tail", self.dense_tail, 0)
+        if type(self.split_tail) is not bool:
+            raise ValueError(f"split_tail={self.split_tail!r} is not allowed: use True or False")
         value = self.row_threshold
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if value is not None and not (number and math.isfinite(value) and value > 0):

@@ -10,7 +10,8 @@ partial block. Every chunk boundary is then a block boundary, so each local quer
 exactly one global query block, and the mask and its block lists carry over unchanged.
 
 Per call (`context_parallel_sample_attention`), every rank all-gathers K and V (shards padded
-to one length, then put back in sequence order). With the antidiagonal estimator (the default,
+to one length, then put back in sequence order; V's transfer overlaps the mask build, which
+needs only K). With the antidiagonal estimator (the default,
 ALGORITHM §9) each query block's estimate and selection need only its own rows and the keys
 before them: each chunk is scored at its global rows against all keys (`q_blocks`), with no
 collective, and its kept blocks become the shard's BlockMask. With the stripes (§2-§4):
@@ -21,7 +22,9 @@ collective, and its kept blocks become the shard's BlockMask. With the stripes (
    the scores and covered mass of single-process SampleAttention, up to fp summation order;
 4. selects the stripes (`selection.select_stripes`, identical on every rank) and builds the
    BlockMask of its own query blocks against all keys (Q_LEN = shard, KV_LEN = S);
-5. runs attention for its shard: compiled flex_attention on CUDA, chunks of rows elsewhere.
+5. runs attention for its shard: compiled flex_attention on CUDA (the rank whose rows end
+   the sequence runs the dense tail's rows apart, as single-GPU flexsample does: `tail.py`),
+   chunks of rows elsewhere.
 Window bounds, sampled rows, selection and mask are the global ones: the result equals
 `sample_attention` on the whole sequence with the same config. Forward only (prefill): the
 collectives here have no autograd. Memory is O(S) for K/V, O(chunk x S) for scores and the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,11 +43,13 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample import attention as _attention
+from flexsample import tail
 from flexsample.antidiagonal import antidiagonal_scores, selected_lists
 from flexsample.block_mask import _ascending, keep_block_mask, kept_blocks, sampled_causal_mask_mod
 from flexsample.config import SampleConfig, as_config
 from flexsample.flex_backend import kernel_options
 from flexsample.layout import Layout, make_layout
+from flexsample.merge import merge_by_lse
 from flexsample.paths import SPARSE_DEVICES, SPARSE_DTYPES, record
 from flexsample.scores import block_scores
 from flexsample.selection import select_stripes
@@ -138,13 +144,27 @@ def gather_sequence(
 ) -> torch.Tensor:
     """All-gather the zigzag shards `x` `[B, H, L_rank, D]` of every rank of `group` into the
     whole sequence `[B, H, seq_len, D]` (shards are padded to one length for the collective)."""
+    return start_gather(x, group, seq_len, block=block)()
+
+
+def start_gather(
+    x: torch.Tensor, group: dist.ProcessGroup | None, seq_len: int, *, block: int = 128
+) -> Callable[[], torch.Tensor]:
+    """`gather_sequence` started asynchronously: returns the function that waits for the
+    all-gather and gives the whole sequence `[B, H, seq_len, D]`. Work queued in between
+    overlaps the transfer (on NCCL the collective runs on its own stream)."""
     world = dist.get_world_size(group)
     shards = [shard_layout(seq_len, r, world, block) for r in range(world)]
     longest = max(s.length for s in shards)
     padded = F.pad(x, (0, 0, 0, longest - x.shape[2])).contiguous()
     gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
-    return _reassemble(list(zip(gathered, shards, strict=True)))
+    work = dist.all_gather(gathered, padded, group=group, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return _reassemble(list(zip(gathered, shards, strict=True)))
+
+    return finish
 
 
 def _global_length(local_len: int, device: torch.device, group: dist.ProcessGroup | None) -> int:
@@ -339,24 +359,73 @@ def shard_attention(
     config: SampleConfig | None = None,
     *,
     scale: float | None = None,
+    split_tail: bool = False,
 ) -> torch.Tensor:
     """Attention of the shard's rows q `[B, Hq, L, D]` over all keys k/v `[B, Hkv, S, D(v)]`
-    under a shard BlockMask (`shard_block_mask`): `[B, Hq, L, Dv]`. CUDA: compiled
-    flex_attention (Q_LEN != KV_LEN); elsewhere chunks of rows, O(chunk x S) memory."""
+    under a shard BlockMask (`shard_block_mask`, `context_parallel_block_mask`): `[B, Hq, L,
+    Dv]`. CUDA: compiled flex_attention (Q_LEN != KV_LEN); elsewhere chunks of rows, O(chunk x
+    S) memory. `split_tail`: the mask is `context_parallel_block_mask`'s with `config` (its
+    tail rows dense); on the rank holding the tail, run them apart as `tail.py` does,
+    rewriting those rows of the mask in place."""
     scale = _attention.resolve_scale(q, scale)
     if q.device.type == "cuda":
-        return _attention.attention_with_mask(
+        config = as_config(config)
+        options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
+        split = _shard_tail(q, k, v, shard, config) if split_tail else None
+        if split is not None:
+            local_first = _local_row(shard, split.first_row)
+            tail.keep_square_only(block_mask, split, local_first // shard.block)
+        result = _attention.attention_with_mask(
             q,
             k,
             v,
             block_mask,
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
-            kernel_options=kernel_options(q, as_config(config), k=k, v=v, block_mask=block_mask),
+            kernel_options=options,
+            return_lse=split is not None,
         )
+        if split is None:
+            return result
+        out, lse = result
+        tail.add_rectangle(
+            out,
+            lse,
+            q,
+            k,
+            v,
+            split,
+            scale=scale,
+            kernel_options=options,
+            local_first_row=local_first,
+        )
+        return out
     return _cpu_shard_attention(
         q, k, v, shard, scale, kept_blocks(block_mask), block_mask.BLOCK_SIZE[1]
     )
+
+
+def _shard_tail(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shard: Shard, config: SampleConfig
+) -> tail.TailPlan | None:
+    """The dense tail's split (`tail.py`, as single-GPU flexsample plans it for the whole
+    sequence) where this rank holds the tail: its second chunk ends the sequence and holds
+    every tail row. Forward, eager, CUDA only."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return None
+    if shard.chunks[1][1] != shard.seq_len or torch.compiler.is_compiling():
+        return None
+    shape = torch.Size([q.shape[0], q.shape[1], shard.seq_len, q.shape[3]])
+    split = tail.plan(shape, config, tail.sm_count(q.device.index), replayed=False)
+    if split is None or split.first_row < shard.chunks[1][0] or config.q_block != shard.block:
+        return None
+    return split
+
+
+def _local_row(shard: Shard, row: int) -> int:
+    """The shard's own index of global `row`, which lies in its second chunk."""
+    start, _ = shard.chunks[1]
+    return shard.local_offsets()[1] + row - start
 
 
 def _cpu_shard_attention(
@@ -440,9 +509,11 @@ def context_parallel_sample_attention(
             q_shard, k_shard, v_shard, group, scale=scale, block=config.q_block, seq_len=seq_len
         )
     k = gather_sequence(k_shard, group, seq_len, block=config.q_block)
-    v = gather_sequence(v_shard, group, seq_len, block=config.q_block)
+    # The mask needs only K: V's transfer overlaps the mask build.
+    finish_v = start_gather(v_shard, group, seq_len, block=config.q_block)
     block_mask = context_parallel_block_mask(q_shard, k, config, group, scale=scale)
-    return shard_attention(q_shard, k, v, block_mask, shard, config, scale=scale)
+    v = finish_v()
+    return shard_attention(q_shard, k, v, block_mask, shard, config, scale=scale, split_tail=True)
 
 
 def context_parallel_dense_attention(
@@ -457,24 +528,51 @@ def context_parallel_dense_attention(
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Dense causal attention of a zigzag-sharded prefill (the baseline, same layout): all-gather
-    K/V, then each rank its own rows, `[B, Hq, L, Dv]`. `kernel` on CUDA: "sdpa" runs SDPA
-    per chunk with the causal rule aligned to the end of the chunk's key prefix
-    (`causal_lower_right`, which FlashAttention computes); "flex" runs flex_attention over
-    every causal block of the shard (the sparse path's kernel); "auto" is "sdpa" where
-    FlashAttention can run these inputs, else "flex" (SDPA would otherwise materialise a
-    `[L, S]` mask). Off CUDA: chunks of rows, O(chunk x S) memory."""
-    if kernel not in ("auto", "sdpa", "flex"):
-        raise ValueError(f"kernel={kernel!r} is not allowed: use 'auto', 'sdpa' or 'flex'")
+    K/V, then each rank its own rows, `[B, Hq, L, Dv]`. `kernel` on CUDA:
+    - "cudnn": per chunk `[first, last)`, cuDNN attention of its rows over the causal square
+      `[first, last)` and over the rectangle of keys `< first`, merged by their log-sum-exps
+      (K/V expanded to Hq heads: cuDNN takes no GQA here);
+    - "sdpa": SDPA per chunk with the causal rule aligned to the end of the chunk's key prefix
+      (`causal_lower_right`, which only FlashAttention computes without a materialised mask);
+    - "flex": flex_attention over every causal block of the shard (the sparse path's kernel);
+    - "auto": "cudnn" where cuDNN attention takes these inputs, else "sdpa" where
+      FlashAttention does, else "flex". cuDNN needs K/V expanded to Hq heads: with Hq/Hkv = g,
+      g times their memory (16 GiB more at 1M tokens for the Llama-3-8B shape); pass "sdpa" or
+      "flex" where that does not fit.
+    Off CUDA: chunks of rows, O(chunk x S) memory, whatever `kernel`."""
+    if kernel not in DENSE_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not allowed: use one of {DENSE_KERNELS}")
     _check_inputs(q_shard, k_shard, v_shard, scale)
     if seq_len is None:
         seq_len = _global_length(q_shard.shape[2], q_shard.device, group)
     shard = _group_shard(seq_len, group, block, q_shard.shape[2])
     k = gather_sequence(k_shard, group, seq_len, block=block)
     v = gather_sequence(v_shard, group, seq_len, block=block)
+    scale = _attention.resolve_scale(q_shard, scale)
     if q_shard.device.type != "cuda":
-        return _cpu_shard_attention(q_shard, k, v, shard, _attention.resolve_scale(q_shard, scale))
+        return _cpu_shard_attention(q_shard, k, v, shard, scale)
     if kernel == "auto":
-        kernel = "sdpa" if _flash_can_run(q_shard, k, v) else "flex"
+        kernel = (
+            "cudnn"
+            if _cudnn_can_run(q_shard, v)
+            else "sdpa"
+            if _flash_can_run(q_shard, k, v)
+            else "flex"
+        )
+    if kernel == "cudnn":
+        if not _cudnn_can_run(q_shard, v):
+            raise ValueError(
+                f"kernel='cudnn': cuDNN attention does not take {q_shard.dtype} inputs of shape "
+                f"{tuple(q_shard.shape)} on this GPU; use kernel='auto', 'sdpa' or 'flex'"
+            )
+        k, v = (_expand_heads(x, q_shard.shape[1]) for x in (k, v))
+        return torch.cat(
+            [
+                prefix_attention(q_shard[:, :, offset : offset + last - first], k, v, first, scale)
+                for offset, (first, last) in zip(shard.local_offsets(), shard.chunks, strict=True)
+            ],
+            2,
+        )
     if kernel == "flex":
         config = SampleConfig(estimator="stripes", q_block=block, min_seq_len=0)
         layout = make_layout(config, seq_len, q_shard.device)
@@ -501,6 +599,65 @@ def context_parallel_dense_attention(
     return torch.cat(outputs, 2)
 
 
+#: The kernels of `context_parallel_dense_attention`.
+DENSE_KERNELS = ("auto", "cudnn", "sdpa", "flex")
+
+#: attend(q, k, v, causal, scale) -> (out `[B, H, L, Dv]`, natural log-sum-exp `[B, H, L]` fp32).
+Attend = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def cudnn_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN attention (equal head counts; `causal` is top-left aligned) with its log-sum-exp:
+    q `[B, H, L, D]`, k/v `[B, H, M, D(v)]` -> (`[B, H, L, Dv]`, `[B, H, L]` fp32)."""
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale
+    )
+    return out, lse.reshape(out.shape[:-1])
+
+
+def prefix_attention(
+    rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    first: int,
+    scale: float,
+    attend: Attend = cudnn_attention_with_lse,
+) -> torch.Tensor:
+    """Causal attention of the global rows `first .. first + L - 1` (`rows` `[B, H, L, D]`) over
+    the keys before them, from two dense calls that need no offset causal rule: the causal
+    square of their own keys and the rectangle of all earlier keys, merged by log-sum-exp.
+    k/v `[B, H, >= first + L, D(v)]` -> `[B, H, L, Dv]` in the rows' dtype."""
+    last = first + rows.shape[2]
+    out, lse = attend(rows, k[:, :, first:last], v[:, :, first:last], True, scale)
+    if first == 0:
+        return out
+    before = attend(rows, k[:, :, :first], v[:, :, :first], False, scale)
+    return merge_by_lse([(x[None], y[None]) for x, y in ((out, lse), before)])[0]
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, Hkv, S, D]` -> `[B, heads, S, D]` (each KV head repeated for its query heads), laid
+    out `[B, S, H, D]` so that a slice of keys stays a strided view cuDNN reads directly."""
+    return x.transpose(1, 2).repeat_interleave(heads // x.shape[1], dim=2).transpose(1, 2)
+
+
+def _cudnn_can_run(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether cuDNN attention takes q's dtype, device and head dim and v's (K/V expanded to
+    q's heads), causal and not."""
+    from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+
+    rows = q[:, :, :128]
+    values = v.new_empty(*rows.shape[:3], v.shape[3])  # laid out as the expanded V
+    return all(
+        can_use_cudnn_attention(SDPAParams(rows, rows, values, None, 0.0, causal, False))
+        for causal in (True, False)
+    )
+
+
 def _flash_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether SDPA's FlashAttention takes these inputs (the only dense kernel that computes
     `causal_lower_right` without a materialised mask for GQA inputs)."""
@@ -511,16 +668,20 @@ def _flash_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 __all__ = [
+    "DENSE_KERNELS",
     "Shard",
     "context_parallel_block_mask",
     "context_parallel_dense_attention",
     "context_parallel_sample_attention",
+    "cudnn_attention_with_lse",
     "gather_sequence",
+    "prefix_attention",
     "shard_attention",
     "shard_block_lists",
     "shard_block_mask",
     "shard_layout",
     "shard_sequence",
+    "start_gather",
     "unshard_sequence",
     "zigzag_chunks",
 ]

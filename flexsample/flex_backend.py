@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import site
 import warnings
 
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
-from torch.nn.attention.flex_attention import BlockMask, flex_attention, noop_mask
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention, noop_mask
 
 from flexsample.config import SampleConfig
 
@@ -197,22 +198,31 @@ def kernel_options(
 #: eagerly, whose unfused path materialises S x S scores (out of memory at long S) and, for a
 #: no-op mask_mod, ignores the block lists (a dense answer for a sparse mask; the likely cause
 #: of a GPU test that failed only after the rest of the GPU suite). `run_compiled_flex` never
-#: lets it.
+#: lets it. A length whose dense tail runs split (`tail.py`) compiles FLASH twice: the mask's
+#: call with its LSE and the tail's key parts.
 FLEX_RECOMPILE_LIMIT = 64
 
 
-def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> object:
     """Compiled `flex_attention(q, k, v, **kwargs)` on the backend `kwargs["kernel_options"]`
-    names (Triton if none): `[B, Hq, S, Dv]`. Past `FLEX_RECOMPILE_LIMIT` compiles, FLASH
-    (one compile per length) hands further new lengths to Triton (one compile for all,
-    warned once); Triton raises a RuntimeError naming the limit."""
+    names (Triton if none): `[B, Hq, S, Dv]`, or flex's tuple with `return_aux` (its LSE in
+    natural log on both backends, `flash_lse_unit`). Past
+    `FLEX_RECOMPILE_LIMIT` compiles, FLASH (one compile per length) hands further new lengths
+    to Triton (one compile for all, warned once); Triton raises a RuntimeError naming the
+    limit."""
     options = kwargs.get("kernel_options") or {}
     backend = options.get("BACKEND", "TRITON")
     try:
         with torch._dynamo.config.patch(
             recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
         ):
-            return _compiled_flex(backend)(q, k, v, **kwargs)
+            result = _compiled_flex(backend)(q, k, v, **kwargs)
+        if backend == "FLASH" and kwargs.get("return_aux") is not None:
+            out, aux = result
+            unit = flash_lse_unit(q.device.index)
+            if aux.lse is not None and unit != 1.0:
+                result = out, aux._replace(lse=aux.lse / unit)
+        return result
     except FailOnRecompileLimitHit as error:
         if backend == "FLASH":
             _warn_flash_budget_spent()
@@ -224,6 +234,26 @@ def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwarg
             "materialises S x S scores. Raise flexsample.flex_backend.FLEX_RECOMPILE_LIMIT or "
             "call torch._dynamo.reset()"
         ) from error
+
+
+@functools.cache
+def flash_lse_unit(device_index: int) -> float:
+    """What FLASH flex_attention reports as log-sum-exp (`return_aux=AuxRequest(lse=True)`)
+    per unit of the natural-log one: 1, or ln 2 on torch versions without the fix of
+    pytorch#181645 (the wrapper multiplied FA4's natural-log LSE by ln 2 as if it were
+    Triton's log2). Measured once per device, not guessed from the version: zero q and k give
+    128 logits of 0 per row, whose LSE is log 128. Its own compiled function, so that the
+    probe never meets a spent recompile budget. The probe syncs: its first call must not be
+    inside a CUDA-graph capture (the op's replay and eager runs reach it in their warm-up)."""
+    zeros = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16, device=f"cuda:{device_index}")
+    _, aux = _compiled_probe()(
+        zeros, zeros, zeros, kernel_options={"BACKEND": "FLASH"}, return_aux=AuxRequest(lse=True)
+    )
+    ratio = aux.lse.float().mean().item() / math.log(128)
+    for unit in (1.0, math.log(2)):
+        if abs(ratio - unit) < 1e-2:
+            return unit
+    raise RuntimeError(f"flex_attention FLASH reports an LSE {ratio:.4f}x the natural-log one")
 
 
 @functools.cache
@@ -241,6 +271,15 @@ def _flex_triton(q, k, v, **kwargs):
 
 
 def _flex_flash(q, k, v, **kwargs):
+    return flex_attention(q, k, v, **kwargs)
+
+
+@functools.cache
+def _compiled_probe():
+    return torch.compile(_flex_probe, dynamic=False)
+
+
+def _flex_probe(q, k, v, **kwargs):
     return flex_attention(q, k, v, **kwargs)
 
 

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from flexsample import tail
 from flexsample.attention import resolve_scale, sparse_attention
 from flexsample.config import SampleConfig
 
@@ -117,11 +118,13 @@ def capture_sparse_attention(
         try:
             inputs = tuple(x.contiguous().clone() for x in (q, k, v))
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                sparse_attention(*inputs, config, scale=scale)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                output = sparse_attention(*inputs, config, scale=scale)
+            # Warm-up and capture plan alike (compiles happen in the warm-up, not the capture).
+            with tail.for_replay():
+                with torch.cuda.stream(side):
+                    sparse_attention(*inputs, config, scale=scale)
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    output = sparse_attention(*inputs, config, scale=scale)
         except Exception as error:  # noqa: BLE001 - any failure means: run this signature unreplayed
             logger.warning(
                 "flexsample: could not capture the sparse path for q %s in a CUDA graph "

@@ -38,6 +38,8 @@ from flexsample import SampleConfig
         ("dense_tail", -1, "integer >= 0"),
         ("dense_tail", 1.5, "integer >= 0"),
         ("dense_tail", True, "integer >= 0"),
+        ("split_tail", 1, "use True or False"),
+        ("split_tail", "yes", "use True or False"),
         ("graph_max_len", -1, "integer >= 0"),
         ("graph_max_len", 4096.0, "integer >= 0"),
         ("graph_max_len", None, "integer >= 0"),

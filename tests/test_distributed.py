@@ -3,6 +3,7 @@ and block lists in one process, and the whole op on 2 gloo processes against sin
 `sample_attention` (same config, really sparse)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -75,6 +76,42 @@ def _inputs(seq_len, batch=2, heads=4, kv_heads=2, dim=16, seed=0):
     k[:, :, torch.randint(0, seq_len, (4,), generator=gen)] *= 3  # a few heavy keys
     v = torch.randn(batch, kv_heads, seq_len, dim, generator=gen)
     return q, k, v
+
+
+def _math_attend(q, k, v, causal, scale):
+    """A float64 attention with its natural log-sum-exp, in `prefix_attention`'s `attend` form."""
+    logits = q.double() @ k.double().transpose(-1, -2) * scale
+    if causal:
+        above = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1)
+        logits = logits.masked_fill(above, -math.inf)
+    out = torch.softmax(logits, -1) @ v.double()
+    return out.to(q.dtype), logits.logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("first, rows", [(0, 37), (64, 64), (100, 37), (1, 150), (190, 1)])
+def test_prefix_attention_merges_square_and_rectangle(first, rows):
+    """The cuDNN dense CP baseline's decomposition: rows `first..first+L-1` over the causal
+    square of their own keys and the rectangle of all earlier keys, merged by log-sum-exp,
+    equal causal attention's rows (here with a float64 stand-in for cuDNN)."""
+    q, k, v = _inputs(first + rows + 9, heads=4, kv_heads=4, dim=16, seed=first + rows)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, first : first + rows]
+    scale = 16**-0.5
+    got = cp.prefix_attention(q[:, :, first : first + rows], k, v, first, scale, _math_attend)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if first:
+        # Planted bug: merging with the raw weights of the square alone (no rectangle) fails.
+        def square_only(q_, k_, v_, causal, scale_):
+            out, lse = _math_attend(q_, k_, v_, causal, scale_)
+            return (out, lse) if causal else (torch.zeros_like(out), torch.full_like(lse, -1e9))
+
+        wrong = cp.prefix_attention(q[:, :, first : first + rows], k, v, first, scale, square_only)
+        assert not torch.allclose(wrong, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_dense_kernel_names_are_checked():
+    q, k, v = _inputs(256, batch=1)
+    with pytest.raises(ValueError, match=r"kernel='cuDNN' is not allowed: use one of"):
+        cp.context_parallel_dense_attention(q, k, v, kernel="cuDNN")
 
 
 CONFIG = SampleConfig(
@@ -277,7 +314,11 @@ def test_context_parallel_equals_single_process_on_two_ranks():
 
 def _gpu_cases(rank, world):
     # The CUDA path: Triton stage-1 kernel on the strided row view, flex with Q_LEN != KV_LEN
-    # (Triton, and FLASH where it can run), NCCL collectives, the dense SDPA baseline.
+    # (Triton, and FLASH where it can run), NCCL collectives, the dense baselines; the dense
+    # tail split (tail.py) at this length too, on the rank holding the tail and single-GPU.
+    from flexsample import tail
+
+    tail.EAGER_MIN_BLOCKS = 0
     config = SampleConfig(estimator="stripes", alpha=0.9, min_seq_len=0)
     x = structured_qkv(1, 8, 2, 8192 + 200, 128, seed=3, dtype=torch.bfloat16, device="cuda")
     for backend in ("triton", "auto"):
@@ -293,9 +334,14 @@ def _gpu_cases(rank, world):
         world,
         block=128,
     )
-    for kernel in ("sdpa", "flex"):
+    for kernel in cp.DENSE_KERNELS:
         dense = cp.context_parallel_dense_attention(qs, ks, vs, kernel=kernel)
         torch.testing.assert_close(dense, expected, atol=2e-2, rtol=2e-2)
+    # cuDNN takes no fp32 attention: asked for by name, a clear error (auto picks another).
+    with pytest.raises(ValueError, match="kernel='cudnn': cuDNN attention does not take"):
+        cp.context_parallel_dense_attention(qs.float(), ks.float(), vs.float(), kernel="cudnn")
+    dense = cp.context_parallel_dense_attention(qs.float(), ks.float(), vs.float())
+    torch.testing.assert_close(dense, expected.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -387,7 +387,8 @@ def test_one_compiled_flex_serves_every_length_and_caller(backend):
     """The op's compiled flex_attention compiles once per caller-independent key: calls from
     eager code and from a compiled graph (whose dispatch key sets differ) share it, and on the
     Triton backend so do all lengths (FLASH compiles per length: torch 2.11 cannot give it
-    symbolic lengths). Each answer matches the Triton backend on the same mask."""
+    symbolic lengths). Each answer matches the Triton backend on the same mask (the tail split
+    included: within bf16 rounding of it)."""
     if backend == "flash":
         _needs_flash()
     from flexsample.op import config_to_str
@@ -417,6 +418,33 @@ def test_one_compiled_flex_serves_every_length_and_caller(backend):
         torch.testing.assert_close(first, eager, atol=0, rtol=0)
         torch.testing.assert_close(second, eager, atol=0, rtol=0)
         torch.testing.assert_close(eager, triton, atol=3e-2, rtol=3e-2)
-    # The first length compiles the outer graph too (and, for Triton, the flex itself).
-    later = [0, 0] if backend == "triton" else [1, 1]
+    # The first length compiles the outer graph too (and, for Triton, the flex itself). The
+    # op replays at these lengths, where the dense tail runs split (tail.py): FLASH compiles
+    # its two calls (the mask's, with its LSE, and the tail's key parts) per length.
+    later = [0, 0] if backend == "triton" else [2, 2]
     assert new_graphs[1:] == later, new_graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["TRITON", "FLASH"])
+def test_run_compiled_flex_reports_natural_log_lse(backend):
+    """The tail split merges LSEs from both backends; torch 2.11's wrapper reported FLASH's
+    LSE times ln 2 (pytorch#181645), which `run_compiled_flex` undoes."""
+    if backend == "FLASH":
+        _needs_flash()
+    elif not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 4, 384, 64, generator=gen, device="cuda").bfloat16() for _ in range(3)
+    )
+    out, aux = fb.run_compiled_flex(
+        q, k, v, kernel_options={"BACKEND": backend}, return_aux=AuxRequest(lse=True)
+    )
+    logits = q.float() @ k.float().transpose(-1, -2) / 8
+    torch.testing.assert_close(aux.lse.float(), logits.logsumexp(-1), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        out.float(), torch.softmax(logits, -1) @ v.float(), atol=2e-2, rtol=2e-2
+    )

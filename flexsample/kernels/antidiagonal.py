@@ -630,11 +630,14 @@ def triton_antidiagonal_scores(
     splits: int = 0,
 ) -> BlockEstimate:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
-    tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K; splits 0:
+    tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K, halved for
+    fp32; splits 0:
     `key_splits` chooses)."""
     if block_k is None:
         hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-        block_k = BLOCK_K_SM90 if hopper else BLOCK_K
+        # The tile sizes fit 16-bit inputs; fp32 tiles halve so their shared memory stays the
+        # same (BLOCK_K_SM90 in fp32 asked 256 KiB of the H200's 227).
+        block_k = (BLOCK_K_SM90 if hopper else BLOCK_K) * 2 // q.element_size()
     first_q, end_q = (0, triton.cdiv(k.shape[2], config.q_block)) if q_blocks is None else q_blocks
     both = antidiagonal_block_scores(
         q,
