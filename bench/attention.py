@@ -133,7 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         help="default: triton, and flash where it can run",
     )
     parser.add_argument("--name", default="attention")
+    parser.add_argument(
+        "--eager-split-from",
+        type=int,
+        help="tail.EAGER_MIN_BLOCKS for this run (measures the eager dense-tail split below it)",
+    )
     args = parser.parse_args(argv)
+    if args.eager_split_from is not None:
+        tail.EAGER_MIN_BLOCKS = args.eager_split_from
 
     if args.cpu_smoke:
         lengths, shape, dtype, device = [1024], (8, 2, 64), torch.float32, "cpu"
