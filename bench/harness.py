@@ -96,6 +96,13 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
         default=[SampleConfig.dense_tail],
         help="SampleConfig.dense_tail values of the antidiagonal rows",
     )
+    parser.add_argument(
+        "--estimate-fp8",
+        choices=["off", "on"],
+        nargs="+",
+        default=["off"],
+        help="SampleConfig.estimate_fp8 of the antidiagonal rows ('on' rows end in ' fp8')",
+    )
 
 
 def _optional_float(text: str) -> float | None:
@@ -120,8 +127,8 @@ def config_override(text: str) -> tuple[str, object]:
     names = [f.name for f in dataclasses.fields(SampleConfig)]
     if not sep or field not in names:
         raise argparse.ArgumentTypeError(f"{text!r}: use FIELD=VALUE with FIELD one of {names}")
-    if value == "None":
-        return field, None
+    if value in ("None", "True", "False"):
+        return field, {"None": None, "True": True, "False": False}[value]
     for cast in (int, float):
         try:
             return field, cast(value)
@@ -132,13 +139,15 @@ def config_override(text: str) -> tuple[str, object]:
 
 def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> dict:
     """The antidiagonal rows by name (`{prefix} {cell_score} a={alpha} s={stride}
-    r={row_threshold}`, then ` t={dense_tail}` where it is not the default): every combination
-    of `add_antidiagonal_arguments`' flags, and `args.local_blocks` if set."""
+    r={row_threshold}`, then ` t={dense_tail}` where it is not the default and ` fp8` with
+    `estimate_fp8`): every combination of `add_antidiagonal_arguments`' flags, and
+    `args.local_blocks` if set."""
     local = getattr(args, "local_blocks", None)
     tails = getattr(args, "dense_tails", [SampleConfig.dense_tail])
     return {
         f"{prefix} {cell} a={alpha} s={stride} r={row}"
-        + ("" if tail == SampleConfig.dense_tail else f" t={tail}"): dataclasses.replace(
+        + ("" if tail == SampleConfig.dense_tail else f" t={tail}")
+        + (" fp8" if fp8 == "on" else ""): dataclasses.replace(
             base,
             estimator="antidiagonal",
             alpha=alpha,
@@ -146,6 +155,7 @@ def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> 
             cell_score=cell,
             row_threshold=row,
             dense_tail=tail,
+            estimate_fp8=fp8 == "on",
             **({} if local is None else {"local_blocks": local}),
         )
         for cell in args.cell_scores
@@ -153,6 +163,7 @@ def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> 
         for alpha in args.antidiagonal_alphas
         for row in args.row_thresholds
         for tail in tails
+        for fp8 in getattr(args, "estimate_fp8", ["off"])
     }
 
 

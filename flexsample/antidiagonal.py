@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from flexsample import fp8
 from flexsample.block_mask import keep_lists
 from flexsample.config import SampleConfig
 from flexsample.layout import use_kernels
@@ -67,6 +68,7 @@ def antidiagonal_scores(
     chunk_elements: int = CHUNK_ELEMENTS,
     q_blocks: tuple[int, int] | None = None,
     q_row0: int = 0,
+    q_scales: torch.Tensor | None = None,
 ) -> BlockEstimate:
     """Estimated attention mass of every (query block, key block), and each block's largest
     share of one strided row: `BlockEstimate` of `[B, Hq, nQ, nKV]` float32 tensors.
@@ -81,7 +83,9 @@ def antidiagonal_scores(
     either's temporaries (a chunk's logits, the kernels' per-launch scratch). `q_blocks`
     `(first, end)`: only those query blocks' rows of the result, `[B, Hq, end - first, nKV]`;
     then q may hold only rows `q_row0 .. q_row0 + L - 1` of the sequence (k's length), which
-    must cover those blocks' rows (context parallelism: a rank's chunk).
+    must cover those blocks' rows (context parallelism: a rank's chunk). With
+    `config.estimate_fp8` the scores are those of q and k rounded to e4m3 (`fp8.py`) under
+    `fp8.head_scales` of q, or `q_scales` `[B, Hq]` where q is a chunk (the whole sequence's).
     """
     seq_len = k.shape[2]
     num_q = math.ceil(seq_len / config.q_block)
@@ -95,7 +99,21 @@ def antidiagonal_scores(
             f" need rows {rows_needed[0]}..{rows_needed[1] - 1}"
         )
     call = {"chunk_elements": chunk_elements, "q_blocks": (first, end), "q_row0": q_row0}
-    if use_kernels(config, q.device):
+    kernels = use_kernels(config, q.device)
+    if config.estimate_fp8:
+        q_scales = fp8.head_scales(q) if q_scales is None else q_scales
+        k_scales = fp8.head_scales(k)
+        fast = kernels and fp8.tensor_cores(q.device)
+        q8 = fp8.quantize(q, q_scales, kernel=fast)
+        k8 = fp8.quantize(k, k_scales, kernel=fast)
+        if fast:
+            from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
+
+            group = q.shape[1] // k.shape[1]
+            head_scale = 1.0 / (q_scales * k_scales.repeat_interleave(group, 1))
+            return triton_antidiagonal_scores(q8, k8, config, scale, head_scale=head_scale, **call)
+        q, k = fp8.dequantize(q8, q_scales, q.dtype), fp8.dequantize(k8, k_scales, k.dtype)
+    if kernels:
         from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
 
         return triton_antidiagonal_scores(q, k, config, scale, **call)

@@ -11,7 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexsample import tail
 from flexsample.antidiagonal import antidiagonal_scores, selected_lists
@@ -170,18 +170,14 @@ def attention_with_mask(
     scale: float | None = None,
     enable_gqa: bool = False,
     kernel_options: dict | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention `[B, Hq, S, Dv]` under a causal BlockMask (e.g. from `sample_block_mask`);
-    with `return_lse` (CUDA, untraced) also its log-sum-exp `[B, Hq, S]` (fp32, natural log).
+) -> torch.Tensor:
+    """Attention `[B, Hq, S, Dv]` under a causal BlockMask (e.g. from `sample_block_mask`).
 
     CUDA: compiled flex_attention. Elsewhere: `cpu_block_sparse_attention`, since
     flex_attention's unfused CPU path materialises S×S scores and vmaps the mask_mod (which
     fails inside a custom op's dispatch, i.e. the compiler path).
     """
     if q.device.type != "cuda":
-        if return_lse:
-            raise ValueError("return_lse needs CUDA (flex_attention's fused kernels)")
         return cpu_block_sparse_attention(q, k, v, block_mask, scale=scale)
     kwargs = {
         "block_mask": block_mask,
@@ -189,17 +185,9 @@ def attention_with_mask(
         "enable_gqa": enable_gqa,
         "kernel_options": kernel_options,
     }
-    if return_lse:
-        if torch.compiler.is_compiling():
-            # Traced flex reports FLASH's LSE in the wrapper's unit (pytorch#181645).
-            raise ValueError("return_lse is not supported inside a traced function")
-        kwargs["return_aux"] = AuxRequest(lse=True)
-    result = (
-        flex_attention(q, k, v, **kwargs)
-        if torch.compiler.is_compiling()
-        else run_compiled_flex(q, k, v, **kwargs)
-    )
-    return (result[0], result[1].lse) if return_lse else result
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kwargs)
+    return run_compiled_flex(q, k, v, **kwargs)
 
 
 def cpu_block_sparse_attention(
@@ -296,19 +284,17 @@ def attention_under_sample_mask(
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
     scale = resolve_scale(q, scale)
-    split = None
     if q.is_cuda and not needs_grad:  # the swap drops the transposed lists backward reads
+        block_mask = with_causal_mask_mod(block_mask)
         if not torch.compiler.is_compiling():
             split = tail.plan(
-                q.shape,
-                config,
-                tail.sm_count(q.device.index),
-                replayed=tail.replaying(),
+                q.shape, config, tail.sm_count(q.device.index), replayed=tail.replaying()
             )
-        if split is not None:
-            tail.keep_square_only(block_mask, split)
-        block_mask = with_causal_mask_mod(block_mask)
-    result = attention_with_mask(
+            if split is not None:
+                return tail.attention_split(
+                    q, k, v, block_mask, split, scale=scale, kernel_options=options
+                )
+    return attention_with_mask(
         q,
         k,
         v,
@@ -316,10 +302,4 @@ def attention_under_sample_mask(
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=options,
-        return_lse=split is not None,
     )
-    if split is None:
-        return result
-    out, lse = result
-    tail.add_rectangle(out, lse, q, k, v, split, scale=scale, kernel_options=options)
-    return out

@@ -132,6 +132,12 @@ class SampleConfig:
         at 128K 9.98 -> 9.25 ms on FLASH, 17.4 -> 15.7 on Triton (tail_split_64k.md); the op
         replayed, synced per call, at 32K 3.63 -> 3.35 ms, real-text shape 1.29 -> 0.897
         (op_graphs_tail.md).
+    estimate_fp8: antidiagonal mode: a bool; True scores q and k rounded to float8 e4m3, each
+        head scaled by a power of two (`flexsample/fp8.py`), on every path; on GPUs with fp8
+        tensor cores (sm_89+) the estimate kernel's dots then read e4m3 (whose accumulator
+        adds a relative RMS error of ~2e-3 to the estimate, H100). `cell_score="max"` only.
+        Costs q's and k's size / 2 of memory during the estimate. False (the default) until
+        a real-text measurement chooses otherwise: see ALGORITHM §9 "fp8 operands".
     graph_max_len: prefill tokens per call (batch x length) up to which the op
         (`flexsample::sample_attention`, behind both doors) replays its sparse path as one
         CUDA graph on the device's default stream (`flexsample/graphs.py`), an integer >= 0
@@ -168,6 +174,7 @@ class SampleConfig:
     row_threshold: float | None = 7.5
     dense_tail: int = 64
     split_tail: bool = True
+    estimate_fp8: bool = False
     graph_max_len: int = 32768
 
     def __post_init__(self) -> None:
@@ -214,8 +221,11 @@ class SampleConfig:
             )
         _check_int("local_blocks", self.local_blocks, 0)
         _check_int("dense_tail", self.dense_tail, 0)
-        if type(self.split_tail) is not bool:
-            raise ValueError(f"split_tail={self.split_tail!r} is not allowed: use True or False")
+        for name in ("split_tail", "estimate_fp8"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not allowed: use True or False"
+                )
         value = self.row_threshold
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if value is not None and not (number and math.isfinite(value) and value > 0):
@@ -225,6 +235,12 @@ class SampleConfig:
         if self.cell_score not in _CELL_SCORES:
             raise ValueError(
                 f"cell_score={self.cell_score!r} is not allowed: use one of {_CELL_SCORES}"
+            )
+        if self.estimate_fp8 and self.cell_score != "max":
+            raise ValueError(
+                f"estimate_fp8=True is not allowed with cell_score={self.cell_score!r}: use "
+                "cell_score='max' (the mean's s*D-long e4m3 dots lose precision in the tensor "
+                "cores' accumulator: relative RMS error 2e-2 on an H100, 2e-3 with 'max')"
             )
         if self.estimator == "antidiagonal":
             for name in ("tile_alpha", "max_stripe_ratio"):

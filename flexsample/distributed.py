@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexsample import attention as _attention
-from flexsample import tail
+from flexsample import fp8, tail
 from flexsample.antidiagonal import antidiagonal_scores, selected_lists
 from flexsample.block_mask import _ascending, keep_block_mask, kept_blocks, sampled_causal_mask_mod
 from flexsample.config import SampleConfig, as_config
@@ -306,13 +306,18 @@ def context_parallel_block_mask(
 ) -> BlockMask:
     """This rank's SampleAttention BlockMask: q `[B, Hq, L, D]` its zigzag shard, k
     `[B, Hkv, S, D]` ALL keys (`gather_sequence`). Stripes: one all-reduce (the stage-1 sums);
-    antidiagonal: none. Blocks `[B, Hq, nQ_local, nKV]`, equal to rows `Shard.q_blocks()` of
-    `sample_block_mask`."""
+    antidiagonal: none (with `estimate_fp8`, one of q's `[B, Hq]` fp8 scales). Blocks
+    `[B, Hq, nQ_local, nKV]`, equal to rows `Shard.q_blocks()` of `sample_block_mask`."""
     config = as_config(config)
     shard = _group_shard(k.shape[2], group, config.q_block, q.shape[2])
     if config.estimator == "antidiagonal":
         with torch.no_grad():
-            return _antidiagonal_shard_mask(q, k, config, shard, scale)
+            q_scales = None
+            if config.estimate_fp8:
+                # The whole sequence's scale per head, as single-GPU flexsample rounds q.
+                q_scales = fp8.head_scales(q)
+                dist.all_reduce(q_scales, op=dist.ReduceOp.MIN, group=group)
+            return _antidiagonal_shard_mask(q, k, config, shard, scale, q_scales)
     with torch.no_grad():
         layout = make_layout(config, k.shape[2], q.device)
         scores, covered = _local_score_sums(q, k, layout, shard, _attention.resolve_scale(q, scale))
@@ -325,17 +330,25 @@ def context_parallel_block_mask(
 
 
 def _antidiagonal_shard_mask(
-    q: torch.Tensor, k: torch.Tensor, config: SampleConfig, shard: Shard, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig,
+    shard: Shard,
+    scale: float | None,
+    q_scales: torch.Tensor | None = None,
 ) -> BlockMask:
     """The antidiagonal estimator's mask of this rank's query blocks (ALGORITHM §9): each query
     block's estimate and selection need only its own rows and the keys before them, so each
-    chunk (rows in place: `q_row0`) is scored against all keys, with no collective."""
+    chunk (rows in place: `q_row0`) is scored against all keys, with no collective
+    (`q_scales`: the fp8 scales of the whole sequence's q, `antidiagonal_scores`)."""
     seq_len, scale = k.shape[2], _attention.resolve_scale(q, scale)
     keeps, lists, rows = [], [], []
     for offset, (start, end) in zip(shard.local_offsets(), shard.chunks, strict=True):
         first, last = start // config.q_block, -(-end // config.q_block)
         chunk = q[:, :, offset : offset + end - start]
-        est = antidiagonal_scores(chunk, k, config, scale, q_blocks=(first, last), q_row0=start)
+        est = antidiagonal_scores(
+            chunk, k, config, scale, q_blocks=(first, last), q_row0=start, q_scales=q_scales
+        )
         keep, chunk_lists = selected_lists(est, seq_len, config, first_block=first)
         keeps.append(keep)
         lists.append(chunk_lists)
@@ -373,9 +386,17 @@ def shard_attention(
         options = kernel_options(q, config, k=k, v=v, block_mask=block_mask)
         split = _shard_tail(q, k, v, shard, config) if split_tail else None
         if split is not None:
-            local_first = _local_row(shard, split.first_row)
-            tail.keep_square_only(block_mask, split, local_first // shard.block)
-        result = _attention.attention_with_mask(
+            return tail.attention_split(
+                q,
+                k,
+                v,
+                block_mask,
+                split,
+                scale=scale,
+                kernel_options=options,
+                local_first_row=_local_row(shard, split.first_row),
+            )
+        return _attention.attention_with_mask(
             q,
             k,
             v,
@@ -383,23 +404,7 @@ def shard_attention(
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
             kernel_options=options,
-            return_lse=split is not None,
         )
-        if split is None:
-            return result
-        out, lse = result
-        tail.add_rectangle(
-            out,
-            lse,
-            q,
-            k,
-            v,
-            split,
-            scale=scale,
-            kernel_options=options,
-            local_first_row=local_first,
-        )
-        return out
     return _cpu_shard_attention(
         q, k, v, shard, scale, kept_blocks(block_mask), block_mask.BLOCK_SIZE[1]
     )

@@ -134,6 +134,50 @@ def keep_square_only(block_mask: BlockMask, tail: TailPlan, local_first: int | N
     )
 
 
+def attention_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    tail: TailPlan,
+    *,
+    scale: float,
+    kernel_options: dict | None,
+    local_first_row: int | None = None,
+) -> torch.Tensor:
+    """Attention `[B, Hq, L, Dv]` of q `[B, Hq, L, D]` over k/v `[B, Hkv, S, D(v)]` under a
+    flexsample mask whose tail rows keep every causal block, with those rows run apart: steps
+    1-3 of the module docstring. Rewrites the mask's tail rows in place (`keep_square_only`).
+    `local_first_row` as in `add_rectangle`. CUDA, forward, not traced (the compiled flex's
+    LSE)."""
+    first_block = None
+    if local_first_row is not None:
+        first_block = local_first_row // block_mask.BLOCK_SIZE[0]
+    keep_square_only(block_mask, tail, first_block)
+    out, aux = run_compiled_flex(
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=kernel_options,
+        return_aux=AuxRequest(lse=True),
+    )
+    add_rectangle(
+        out,
+        aux.lse,
+        q,
+        k,
+        v,
+        tail,
+        scale=scale,
+        kernel_options=kernel_options,
+        local_first_row=local_first_row,
+    )
+    return out
+
+
 def add_rectangle(
     out: torch.Tensor,
     lse: torch.Tensor,

@@ -298,16 +298,19 @@ def test_planted_split_bug_fails_the_kernel_check():
     assert err > 100 * ANTIDIAG_KERNEL_REL_RMS, f"first split only: {err:.3g}"
 
 
-def test_key_splits_balance_short_launches_only():
-    """132 SMs. Launches of row tiles 1..L key tiles long (strided rows 0.. of S/16)."""
+def test_key_splits_fill_the_gpu_and_keep_tiles_in_l2():
+    """132 SMs. Launches of row tiles 1..L key tiles long (strided rows 0.. of S/16): splits
+    fill a short launch, and long ones take LOCALITY_SPLITS where their tiles allow."""
     cuda = torch.device("cuda")
+    assert kernels.LOCALITY_SPLITS == 4
     with mock.patch.object(
         torch.cuda, "get_device_properties", return_value=mock.Mock(multi_processor_count=132)
     ):
-        assert kernels.key_splits(0, 128, 1, 16, cuda) == 2  # 32K, Hkv 2
+        assert kernels.key_splits(0, 128, 1, 16, cuda) == 4  # 32K, Hkv 2: 2 fill, 4 locality
         assert kernels.key_splits(0, 64, 1, 8, cuda) == 2  # 16K, Hkv 2: 4 wanted, 4 tiles each
         assert kernels.key_splits(0, 128, 1, 4, cuda) == 1  # 8K, Hkv 8: too short to split
-        assert kernels.key_splits(0, 512, 1, 16, cuda) == 1  # 32K, Hkv 8: the GPU is full
+        assert kernels.key_splits(0, 512, 1, 16, cuda) == 4  # 32K, Hkv 8: full, 4 locality
+        assert kernels.key_splits(0, 4096, 1, 256, cuda) == 4  # 512K, Hkv 8
         assert kernels.key_splits(0, 8, 1, 64, cuda) == 16  # 128K, B 1, Hkv 1 (4 key tiles each)
     assert kernels.key_splits(5, 64, 1, 3, cuda) == 3
     assert kernels.key_splits(0, 4, 1, 64, torch.device("cpu")) == 1

@@ -40,6 +40,8 @@ from flexsample import SampleConfig
         ("dense_tail", True, "integer >= 0"),
         ("split_tail", 1, "use True or False"),
         ("split_tail", "yes", "use True or False"),
+        ("estimate_fp8", 1, "use True or False"),
+        ("estimate_fp8", None, "use True or False"),
         ("graph_max_len", -1, "integer >= 0"),
         ("graph_max_len", 4096.0, "integer >= 0"),
         ("graph_max_len", None, "integer >= 0"),
@@ -51,6 +53,12 @@ def test_invalid_values_name_field_value_and_range(field, value, allowed):
     message = str(info.value)
     assert f"{field}={value!r}" in message
     assert re.search(allowed, message), message
+
+
+def test_fp8_estimate_needs_the_max_cell_score():
+    with pytest.raises(ValueError, match="estimate_fp8=True is not allowed with cell_score='mean'"):
+        SampleConfig(estimate_fp8=True, cell_score="mean")
+    assert SampleConfig(estimate_fp8=True).cell_score == "max"
 
 
 def test_config_is_frozen():

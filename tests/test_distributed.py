@@ -257,6 +257,15 @@ def _cp_cases(rank, world):
     config = SampleConfig(alpha=0.8, min_seq_len=0, q_block=32, kv_block=32, dense_tail=300)
     _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
 
+    # 3d. estimate_fp8: q rounds under the whole sequence's scale per head (one all-reduce);
+    # head 0's middle rows (rank 1's chunks) are 2^-12 of the rest: under the whole sequence's
+    # scale they fall below e4m3's normal range, under a scale of rank 1's own rows they would
+    # not (and the masks would differ).
+    q, k, v = _inputs(1000, seed=4)
+    q[:, 0, 250:750] *= 2**-12
+    config = SampleConfig(alpha=0.8, min_seq_len=0, q_block=32, kv_block=32, estimate_fp8=True)
+    _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
+
     # 4. shorter than min_seq_len: dense, like sample_attention; the dense baseline too.
     q, k, v = _inputs(300)
     qs, ks, vs = _shards(rank, world, 32, q, k, v)
@@ -326,6 +335,9 @@ def _gpu_cases(rank, world):
         _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=2e-2, rtol=2e-2)
     # The default (antidiagonal) estimator: its kernels on each rank's strided chunk view.
     config = SampleConfig(min_seq_len=0)
+    _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=2e-2, rtol=2e-2)
+    # e4m3 estimate dots (sm_89+), q rounded under the all-reduced scales.
+    config = SampleConfig(min_seq_len=0, estimate_fp8=True)
     _check_against_single_process(rank, world, x.q, x.k, x.v, config, atol=2e-2, rtol=2e-2)
     qs, ks, vs = _shards(rank, world, 128, x.q, x.k, x.v)
     expected = cp.shard_sequence(

@@ -77,6 +77,17 @@ BLOCK_K_SM90 = 128
 #: 0.28-0.29), 16K 32 / 8 none (1 split 0.315 ms, 2-8 splits 0.327-0.339). Below ~0.3 ms the
 #: sweeps are launch-bound and vary run to run, so 8K and 16K with 6 / 2 heads are not settled.
 SPLIT_MIN_TILES = 4
+#: Key splits a launch takes at least, where its tiles are long enough (`SPLIT_MIN_TILES` each):
+#: a program's Q' (BLOCK_M x s*D: 512 KiB at s = 16) is re-read for every key tile, and a
+#: launch's ~132 programs in flight held ~66 MiB of it, more than L2. With one KV head's
+#: programs in flight together and each row tile's keys split in 4, the same SMs hold ~33 Q'
+#: tiles and stream K' tiles they share. Measured in one machine session (H100, stride 16
+#: "max", bench/results/antidiagonal_locality.md against antidiagonal_prev_order.md, the
+#: previous order with key_splits' previous choice): Llama-3-8B shape (32 / 8 heads) 128K
+#: 17.2 -> 14.0 ms, 32K 1.21 -> 1.03, 16K 0.353 -> 0.356; real-text shape (6 / 2) 128K 3.73
+#: -> 3.41, 32K 0.278 -> 0.295, 16K 0.157 -> 0.137. At 128K 2, 4 and 8 splits are within 6%
+#: of each other; 8K is launch-bound and varies run to run.
+LOCALITY_SPLITS = 4
 
 
 @triton.jit
@@ -234,6 +245,7 @@ def _tile_cell_max(
 def _strided_lse_kernel(
     Q,
     K,
+    HEAD_SCALE,
     BLOCK_LSE,
     ROW_LSE,
     stride_qb,
@@ -268,11 +280,12 @@ def _strided_lse_kernel(
     MAX: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr,
 ):
-    # Longest tiles (last strided rows) first, for every (batch, KV head) and key split: short
-    # ones fill the last wave.
-    groups = tl.num_programs(0) // (tiles * splits)
-    tile = tiles - 1 - tl.program_id(0) // (groups * splits)
-    bk = tl.program_id(0) // splits % groups
+    # (batch, KV head) by (batch, KV head), each one's row tiles longest first (the last
+    # strided rows), a tile's key splits side by side: the programs in flight then read one
+    # head's K' and a few Q' tiles, which stay in L2 (`LOCALITY_SPLITS`); short tiles still
+    # fill the launch's last wave.
+    tile = tiles - 1 - tl.program_id(0) // splits % tiles
+    bk = tl.program_id(0) // (splits * tiles)
     split = tl.program_id(0) % splits
     b = bk // kv_heads
     offs_r = tl.arange(0, G_PAD * ROWS)
@@ -294,9 +307,11 @@ def _strided_lse_kernel(
     )
     k_base = K + b.to(tl.int64) * stride_kb + (bk % kv_heads).to(tl.int64) * stride_kh
     offs_k = tl.arange(0, BLOCK_K)
+    # The logits' factor per head: e4m3 operands' scales (fp8.py), else 1.
+    head_scale = tl.load(HEAD_SCALE + b * kv_heads * GROUP + head, mask=g < GROUP, other=1.0)
 
     if MAX:
-        row_scale = (tl.zeros([G_PAD * ROWS], tl.float32) + scale_log2e).to(tl.float32)
+        row_scale = (head_scale * scale_log2e).to(tl.float32)
     else:
         count, diag_count = _cell_counts(m, seq_len, STRIDE)
         # The diagonal cell (m, m) over its causal cells only: the tiles' dot sums all s of them.
@@ -314,8 +329,8 @@ def _strided_lse_kernel(
             diag += tl.where(_order(m, seg, STRIDE) >= seg, prod, 0.0)
         # fp32 casts: under inductor a float argument arrives as fp64 and would promote the
         # logits.
-        row_scale = (scale_log2e / tl.maximum(count, 1)).to(tl.float32)
-        diag_scale = (scale_log2e / tl.maximum(diag_count, 1)).to(tl.float32)
+        row_scale = (head_scale * scale_log2e / tl.maximum(count, 1)).to(tl.float32)
+        diag_scale = (head_scale * scale_log2e / tl.maximum(diag_count, 1)).to(tl.float32)
         diag_logit = tl.where(diag_count > 0, diag * diag_scale, float("-inf"))
 
     # Scratch layout [B * Hq, chunk_rows, width]: a row's sub-blocks are contiguous.
@@ -484,21 +499,23 @@ def key_splits(
     """Programs per row tile of a launch of `programs` row tiles spanning `shortest` to
     `longest` key tiles (causal: a ramp): `requested` if > 0 (at most `longest`), else 1 off
     CUDA, else the fewest splits that bring the longest program down to the launch's mean
-    work per SM (one program per SM: the first kernel's shared memory), keeping
-    `SPLIT_MIN_TILES` key tiles a split."""
+    work per SM (one program per SM: the first kernel's shared memory), and at least
+    `LOCALITY_SPLITS` (L2 reuse), keeping `SPLIT_MIN_TILES` key tiles a split."""
     if requested > 0:
         return min(requested, longest)
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     per_sm = programs * (shortest + longest) / 2 / sms
-    return max(1, min(longest // SPLIT_MIN_TILES, math.ceil(longest / max(per_sm, 1.0))))
+    fill = math.ceil(longest / max(per_sm, 1.0))
+    return max(1, min(longest // SPLIT_MIN_TILES, max(fill, LOCALITY_SPLITS)))
 
 
 @triton_op("flexsample::antidiagonal_scores", mutates_args=())
 def antidiagonal_block_scores(
     q: torch.Tensor,
     k: torch.Tensor,
+    head_scale: torch.Tensor,
     scale: float,
     stride: int,
     q_block: int,
@@ -517,7 +534,8 @@ def antidiagonal_block_scores(
 ) -> torch.Tensor:
     """q `[B, Hq, L, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
     its mass and peak stacked, `[2, B, Hq, end_q - first_q, nKV]` (fp32, zeros above the
-    diagonal); q holds rows q_row0..
+    diagonal); the logits of head h are multiplied by `scale * head_scale[b, h]` (`[B, Hq]`
+    fp32, positive); q holds rows q_row0..
     q_row0 + L - 1 and is read at the blocks' rows only. Strided rows are launched in chunks
     whose scratch holds at most `chunk_elements` floats (or one query block / tile of rows,
     whichever is more); `splits` > 0 splits each row tile's key tiles among that many programs
@@ -559,6 +577,7 @@ def antidiagonal_block_scores(
         wrap_triton(_strided_lse_kernel)[(tiles * batch * kv_heads * split,)](
             q,
             k,
+            head_scale,
             block_lse,
             row_lse,
             *q.stride(),
@@ -628,20 +647,24 @@ def triton_antidiagonal_scores(
     q_blocks: tuple[int, int] | None = None,
     q_row0: int = 0,
     splits: int = 0,
+    head_scale: torch.Tensor | None = None,
 ) -> BlockEstimate:
-    """`antidiagonal.antidiagonal_scores` through the kernels (same result); launch knobs for
-    tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K, halved for
-    fp32; splits 0:
-    `key_splits` chooses)."""
+    """`antidiagonal.antidiagonal_scores` through the kernels (same result); q and k may be
+    e4m3 (`fp8.quantize`), with `head_scale` `[B, Hq]` the logits' factor per head (None: 1);
+    launch knobs for tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K,
+    scaled to the element size; splits 0: `key_splits` chooses)."""
     if block_k is None:
         hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-        # The tile sizes fit 16-bit inputs; fp32 tiles halve so their shared memory stays the
-        # same (BLOCK_K_SM90 in fp32 asked 256 KiB of the H200's 227).
+        # The tile sizes fit 16-bit inputs; fp32 tiles halve (and e4m3 ones double) so their
+        # shared memory stays the same (BLOCK_K_SM90 in fp32 asked 256 KiB of the H200's 227).
         block_k = (BLOCK_K_SM90 if hopper else BLOCK_K) * 2 // q.element_size()
     first_q, end_q = (0, triton.cdiv(k.shape[2], config.q_block)) if q_blocks is None else q_blocks
+    if head_scale is None:
+        head_scale = torch.ones(q.shape[:2], device=q.device)
     both = antidiagonal_block_scores(
         q,
         k,
+        head_scale.float().contiguous(),
         scale,
         config.stride,
         config.q_block,
