@@ -55,12 +55,6 @@ def test_invalid_values_name_field_value_and_range(field, value, allowed):
     assert re.search(allowed, message), message
 
 
-def test_fp8_estimate_needs_the_max_cell_score():
-    with pytest.raises(ValueError, match="estimate_fp8=True is not allowed with cell_score='mean'"):
-        SampleConfig(estimate_fp8=True, cell_score="mean")
-    assert SampleConfig(estimate_fp8=True).cell_score == "max"
-
-
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         SampleConfig().alpha = 0.5  # type: ignore[misc]

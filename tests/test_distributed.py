@@ -258,11 +258,12 @@ def _cp_cases(rank, world):
     _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
 
     # 3d. estimate_fp8: q rounds under the whole sequence's scale per head (one all-reduce);
-    # head 0's middle rows (rank 1's chunks) are 2^-12 of the rest: under the whole sequence's
-    # scale they fall below e4m3's normal range, under a scale of rank 1's own rows they would
-    # not (and the masks would differ).
+    # head 0's rows on rank 1 are 2^-12 of the rest: under the whole sequence's scale they fall
+    # below e4m3's normal range, under a scale of rank 1's own rows they would not (and the
+    # masks would differ).
     q, k, v = _inputs(1000, seed=4)
-    q[:, 0, 250:750] *= 2**-12
+    for first, last in cp.shard_layout(1000, 1, world, 32).chunks:
+        q[:, 0, first:last] *= 2**-12
     config = SampleConfig(alpha=0.8, min_seq_len=0, q_block=32, kv_block=32, estimate_fp8=True)
     _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
 

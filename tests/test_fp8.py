@@ -72,17 +72,65 @@ def test_rounding_is_e4m3_and_exact_back_in_the_input_dtype(dtype):
         assert torch.equal(fp8.quantize(x, scales).view(torch.uint8), x8.view(torch.uint8))
 
 
-@given(qkv(max_len=120, head_dims=(16, 32)), st.sampled_from([1, 4, 16]))
-def test_pytorch_path_scores_the_rounded_inputs(inputs, stride):
+@given(
+    qkv(max_len=120, head_dims=(16, 32)),
+    st.sampled_from([1, 4, 16]),
+    st.sampled_from(["max", "mean"]),
+)
+def test_pytorch_path_scores_the_rounded_inputs(inputs, stride, cell_score):
     """antidiagonal_scores with estimate_fp8 (PyTorch path) = the reference on q and k rounded
     to e4m3 (random shapes: odd lengths, GQA, batch > 1, every dtype)."""
     q, k, _ = inputs
-    config = dataclasses.replace(CONFIG, stride=stride, estimate_fp8=True, score_backend="torch")
+    config = dataclasses.replace(
+        CONFIG, stride=stride, cell_score=cell_score, estimate_fp8=True, score_backend="torch"
+    )
     scale = q.shape[-1] ** -0.5
     got = antidiagonal_scores(q, k, config, scale)
     want = reference_antidiagonal_scores(_rounded(q), _rounded(k), config, scale)
     for name, g, w in zip(got._fields, got, want, strict=True):
-        assert rel_rms(g, w) <= ANTIDIAG_REL_RMS["max"][q.dtype], name
+        assert rel_rms(g, w) <= ANTIDIAG_REL_RMS[cell_score][q.dtype], name
+
+
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+def test_kernel_dispatch_reads_e4m3_where_the_gpu_can(cell_score):
+    """antidiagonal_scores' e4m3 kernel path (what sm_89+ GPUs run; here the interpreter, with
+    the quantize kernel's PyTorch twin): per-head scales folded for GQA 3 and batch 2, a chunk
+    of q rows with the whole sequence's scales (context parallel) = the reference on the
+    rounded inputs; and the kernel is handed e4m3 tensors."""
+    from flexsample.kernels import antidiagonal as kernels
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 150, 16, generator=gen) * torch.linspace(0.1, 30, 6).view(1, 6, 1, 1)
+    k = torch.randn(2, 2, 150, 16, generator=gen) * torch.tensor([0.2, 7.0]).view(1, 2, 1, 1)
+    config = dataclasses.replace(
+        CONFIG, cell_score=cell_score, estimate_fp8=True, score_backend="triton"
+    )
+    want = reference_antidiagonal_scores(_rounded(q), _rounded(k), config, 0.25)
+    seen = []
+    real_kernel = kernels.triton_antidiagonal_scores
+
+    def spy(q, k, *args, **kwargs):
+        seen.append((q.dtype, k.dtype))
+        return real_kernel(q, k, *args, **kwargs)
+
+    def twin(x, scales):
+        return fp8.quantize(x, scales)
+
+    with (
+        mock.patch.object(fp8, "tensor_cores", return_value=True),
+        mock.patch("flexsample.kernels.fp8.triton_quantize", twin),
+        mock.patch.object(kernels, "triton_antidiagonal_scores", spy),
+    ):
+        got = antidiagonal_scores(q, k, config, 0.25)
+        # Query blocks 4..8 from a chunk holding rows 48..149, under the whole q's scales.
+        chunk = antidiagonal_scores(
+            q[:, :, 48:], k, config, 0.25, q_blocks=(4, 9), q_row0=48, q_scales=fp8.head_scales(q)
+        )
+    assert seen == [(fp8.FP8, fp8.FP8)] * 2
+    for g, w in zip(got, want, strict=True):
+        assert rel_rms(g, w) <= ANTIDIAG_KERNEL_REL_RMS
+    for g, w in zip(chunk, want, strict=True):
+        assert rel_rms(g, w[:, :, 4:9]) <= ANTIDIAG_KERNEL_REL_RMS
 
 
 def test_fp8_scores_differ_from_the_unrounded_ones():
@@ -102,7 +150,7 @@ def test_kernel_reads_e4m3_with_head_scales(cell_score):
     """The kernel (interpreter on CPU) on e4m3 q and k with the heads' scales = the reference
     on the rounded values: odd length, GQA 3, batch 2, heads of different magnitude (so each
     head's scale differs); ignoring head_scale fails. Both cell scores: the kernel applies
-    head_scale to either (the config offers e4m3 with "max" only)."""
+    head_scale to either."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(2, 6, 133, 16, generator=gen) * torch.linspace(0.01, 20, 6).view(1, 6, 1, 1)
     k = torch.randn(2, 2, 133, 16, generator=gen) * torch.tensor([0.1, 9.0]).view(1, 2, 1, 1)
@@ -155,18 +203,21 @@ def test_gpu_quantize_kernel_equals_the_pytorch_ops():
 
 
 @pytest.mark.gpu
-def test_gpu_estimate_with_fp8_matches_the_rounded_pytorch_path():
-    """Llama-3-8B attention shape (32 / 8 heads, D 128), S = 16K + 77, bf16: the CUDA estimate
-    with estimate_fp8 (e4m3 dots on sm_89+) = the PyTorch path on the rounded inputs, within
-    the tensor cores' accumulation (FP8_TENSOR_CORE_REL_RMS; exact on older GPUs)."""
-    x = structured_qkv(1, 32, 8, 16384 + 77, 128, dtype=torch.bfloat16, device="cuda")
-    config = SampleConfig(estimate_fp8=True)
-    got = antidiagonal_scores(x.q, x.k, config, 128**-0.5)
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+@pytest.mark.parametrize("dim", [128, 16])
+def test_gpu_estimate_with_fp8_matches_the_rounded_pytorch_path(cell_score, dim):
+    """Llama-3-8B attention shape (32 / 8 heads, D 128; and D 16, below Triton's smallest
+    8-bit dot), S = 16K + 77, bf16: the CUDA estimate with estimate_fp8 (e4m3 dots on sm_89+) =
+    the PyTorch path on the rounded inputs, within the tensor cores' accumulation
+    (FP8_TENSOR_CORE_REL_RMS; exact on older GPUs)."""
+    x = structured_qkv(1, 32, 8, 16384 + 77, dim, dtype=torch.bfloat16, device="cuda")
+    config = SampleConfig(cell_score=cell_score, estimate_fp8=True)
+    got = antidiagonal_scores(x.q, x.k, config, dim**-0.5)
     rounded = [
         fp8.dequantize(fp8.quantize(t, s), s, torch.float32)
         for t, s in ((x.q, fp8.head_scales(x.q)), (x.k, fp8.head_scales(x.k)))
     ]
-    want = torch_antidiagonal_scores(*rounded, config, 128**-0.5)
+    want = torch_antidiagonal_scores(*rounded, config, dim**-0.5)
     bound = FP8_TENSOR_CORE_REL_RMS if fp8.tensor_cores(x.q.device) else ANTIDIAG_KERNEL_REL_RMS
     for name, g, w in zip(got._fields, got, want, strict=True):
         assert rel_rms(g, w) <= bound, name

@@ -29,9 +29,9 @@ ANTIDIAG_REL_RMS = {
 #: tests/test_antidiagonal_kernel.py are 1e-3 or more.
 ANTIDIAG_KERNEL_REL_RMS = 1e-5
 #: The estimate with `estimate_fp8` on a GPU with fp8 tensor cores against the PyTorch path on
-#: the same e4m3-rounded inputs (relative RMS error, "max"): the products are exact, but the
-#: tensor cores accumulate e4m3 dots in less than fp32 (measured 2.2e-3, H100, Llama-3-8B shape
-#: at 16K + 77, structured inputs; "mean", whose dots are s*D long, 2.1e-2, hence not offered).
+#: the same e4m3-rounded inputs (relative RMS error): the products are exact, but the tensor
+#: cores sum e4m3 dots in less than fp32 between promotions (FP8_IMPRECISE_ACC; measured 2.2e-3
+#: with "max", 3.8e-4 with "mean", H100, Llama-3-8B shape at 16K + 77, structured inputs).
 #: A wrong antidiagonal or a missing causal mask is 3e-2 or more.
 FP8_TENSOR_CORE_REL_RMS = 1e-2
 #: Floor of the output bound: fp32 summation-order noise of a correct kernel.

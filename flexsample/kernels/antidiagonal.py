@@ -88,6 +88,14 @@ SPLIT_MIN_TILES = 4
 #: -> 3.41, 32K 0.278 -> 0.295, 16K 0.157 -> 0.137. At 128K 2, 4 and 8 splits are within 6%
 #: of each other; 8K is launch-bound and varies run to run.
 LOCALITY_SPLITS = 4
+#: With e4m3 inputs, by `cell_score`: products the tensor cores sum before each promotion to
+#: fp32 (`tl.dot`'s max_num_imprecise_acc; 0: Triton's default on sm_90, never). Measured (H100,
+#: Llama-3-8B shape, bench/results/fp8_accumulation.md): relative RMS error against the exact
+#: scores of the rounded inputs at 16K + 77 and time at 128K, for 0 / 64 / 32: "max" (D-long
+#: dots) 2.2e-3 / 9.5e-4 / 3.8e-4 and 9.12 / 9.86 / 11.4 ms; "mean" (s*D-long dots) 2.1e-2 /
+#: 3.8e-4 / 4.7e-5 and 8.35 / 9.87 / 11.5 ms (bf16 operands: 13.9 and 13.5 ms). "max" keeps the
+#: fastest, which the real-text judge found lossless (realtext_fp8.md); "mean" takes 64.
+FP8_IMPRECISE_ACC = {"max": 0, "mean": 64}
 
 
 @triton.jit
@@ -204,6 +212,7 @@ def _tile_cell_max(
     STRIDE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    IMPRECISE: tl.constexpr,
     MASKED: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr,
 ):
@@ -224,7 +233,9 @@ def _tile_cell_max(
             kc = _k_cells(
                 k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
             )
-            acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+            acc = tl.dot(
+                qc, tl.trans(kc), acc, input_precision=PRECISION, max_num_imprecise_acc=IMPRECISE
+            )
         if not POSITIVE_SCALE:
             acc = acc * row_scale[:, None]
         if MASKED:
@@ -277,6 +288,7 @@ def _strided_lse_kernel(
     SUB: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    IMPRECISE: tl.constexpr,
     MAX: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr,
 ):
@@ -369,6 +381,7 @@ def _strided_lse_kernel(
                     STRIDE,
                     UPCAST,
                     PRECISION,
+                    IMPRECISE,
                     masked,
                     POSITIVE_SCALE,
                 )
@@ -393,7 +406,13 @@ def _strided_lse_kernel(
                     kc = _k_cells(
                         k_base, n, seg, d, seq_len, stride_ks, stride_kd, HEAD_DIM, STRIDE, UPCAST
                     )
-                    acc = tl.dot(qc, tl.trans(kc), acc, input_precision=PRECISION)
+                    acc = tl.dot(
+                        qc,
+                        tl.trans(kc),
+                        acc,
+                        input_precision=PRECISION,
+                        max_num_imprecise_acc=IMPRECISE,
+                    )
                 if masked:
                     logit = _tile_logits(acc, n, m, row_scale, diag_logit)
                 else:
@@ -531,6 +550,7 @@ def antidiagonal_block_scores(
     end_q: int,
     q_row0: int,
     splits: int,
+    imprecise_acc: int,
 ) -> torch.Tensor:
     """q `[B, Hq, L, D]`, k `[B, Hkv, S, D]` -> the estimate of query blocks first_q..end_q-1,
     its mass and peak stacked, `[2, B, Hq, end_q - first_q, nKV]` (fp32, zeros above the
@@ -540,8 +560,9 @@ def antidiagonal_block_scores(
     whose scratch holds at most `chunk_elements` floats (or one query block / tile of rows,
     whichever is more); `splits` > 0 splits each row tile's key tiles among that many programs
     (at most the longest tile's key tiles; equal shares of whole tiles, so the last shares
-    may be empty), 0 lets `key_splits` choose per launch; the other arguments are the first
-    kernel's launch parameters."""
+    may be empty), 0 lets `key_splits` choose per launch; `imprecise_acc`: with e4m3 inputs, the
+    products the tensor cores sum before each fp32 promotion (0: Triton's default, none); the
+    other arguments are the first kernel's launch parameters."""
     batch, heads, _, dim = q.shape
     seq_len = k.shape[2]
     kv_heads = k.shape[1]
@@ -571,7 +592,9 @@ def antidiagonal_block_scores(
     most = max(launch[3] for launch in launches)
     row_lse = torch.empty(most, batch * heads, chunk_rows, device=q.device)
     upcast = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    block_k = min(block_k, max(16, triton.next_power_of_2(dim)))
+    # tl.dot's K: at least 16, and 32 for 8-bit inputs (Triton does not compile less).
+    fp8 = q.element_size() == 1
+    block_k = min(block_k, max(32 if fp8 else 16, triton.next_power_of_2(dim)))
     block_r = min(32, triton.next_power_of_2(per_q))
     for row0, chunk, tiles, split in launches:
         wrap_triton(_strided_lse_kernel)[(tiles * batch * kv_heads * split,)](
@@ -603,6 +626,7 @@ def antidiagonal_block_scores(
             SUB=sub,
             UPCAST=upcast,
             PRECISION="ieee" if upcast else "tf32",
+            IMPRECISE=min(imprecise_acc, block_k) if imprecise_acc and fp8 else None,
             MAX=cell_max,
             POSITIVE_SCALE=scale > 0,
             num_warps=num_warps,
@@ -648,19 +672,24 @@ def triton_antidiagonal_scores(
     q_row0: int = 0,
     splits: int = 0,
     head_scale: torch.Tensor | None = None,
+    imprecise_acc: int | None = None,
 ) -> BlockEstimate:
     """`antidiagonal.antidiagonal_scores` through the kernels (same result); q and k may be
-    e4m3 (`fp8.quantize`), with `head_scale` `[B, Hq]` the logits' factor per head (None: 1);
+    e4m3 (`fp8.quantize`), with `head_scale` `[B, Hq]` the logits' factor per head (None: 1)
+    and `imprecise_acc` as in `antidiagonal_block_scores` (None: `FP8_IMPRECISE_ACC`);
     launch knobs for tests and sweeps (block_k None: BLOCK_K_SM90 on sm_90+ GPUs, else BLOCK_K,
     scaled to the element size; splits 0: `key_splits` chooses)."""
     if block_k is None:
         hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-        # The tile sizes fit 16-bit inputs; fp32 tiles halve (and e4m3 ones double) so their
-        # shared memory stays the same (BLOCK_K_SM90 in fp32 asked 256 KiB of the H200's 227).
+        # The tile sizes fit 16-bit inputs; fp32 tiles halve (and e4m3 ones double, up to the
+        # head dim) so their shared memory stays the same or less (BLOCK_K_SM90 in fp32 asked
+        # 256 KiB of the H200's 227).
         block_k = (BLOCK_K_SM90 if hopper else BLOCK_K) * 2 // q.element_size()
     first_q, end_q = (0, triton.cdiv(k.shape[2], config.q_block)) if q_blocks is None else q_blocks
     if head_scale is None:
         head_scale = torch.ones(q.shape[:2], device=q.device)
+    if imprecise_acc is None:
+        imprecise_acc = FP8_IMPRECISE_ACC[config.cell_score]
     both = antidiagonal_block_scores(
         q,
         k,
@@ -680,5 +709,6 @@ def triton_antidiagonal_scores(
         end_q,
         q_row0,
         splits,
+        imprecise_acc,
     )
     return BlockEstimate(*both.unbind(0))

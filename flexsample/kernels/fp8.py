@@ -4,8 +4,9 @@ The PyTorch ops (upcast, multiply, cast, copy into the output) moved ~13 GB at 1
 Llama-3-8B shape and made the fp8 estimate slower than the bf16 one (H100: mask build 15.4 ->
 17.7 ms, bench/results/attention_fp8_torch_quant.md; with this kernel 15.2 -> 11.3 ms,
 attention_fp8.md). Same values as the PyTorch ops, bit for bit, on
-GPUs with fp8 conversions (sm_89+: round to nearest even; no value reaches e4m3's
-saturation, `fp8.head_scales` keeps them below 2^8).
+GPUs with fp8 conversions (sm_89+: round to nearest even) for finite inputs: `fp8.head_scales`
+keeps every value at or below 2^8, far from e4m3's largest (448), where Triton saturates and
+PyTorch gives NaN.
 """
 
 from __future__ import annotations
