@@ -27,11 +27,9 @@ COLUMNS = ["cell_score", "imprecise_acc", "rel RMS mass", "rel RMS peak", "ms", 
 
 def _operands(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """e4m3 q and k, their values back in fp32, and the kernel's per-head logit factor."""
-    qs, ks = fp8.head_scales(q), fp8.head_scales(k)
-    q8, k8 = fp8.quantize(q, qs, kernel=True), fp8.quantize(k, ks, kernel=True)
+    q8, k8, qs, ks = fp8.operands(q, k, kernel=True)
     back = fp8.dequantize(q8, qs, torch.float32), fp8.dequantize(k8, ks, torch.float32)
-    head_scale = 1.0 / (qs * ks.repeat_interleave(q.shape[1] // k.shape[1], 1))
-    return q8, k8, *back, head_scale
+    return q8, k8, *back, fp8.logit_factor(qs, ks)
 
 
 def _kernel_ms(q: torch.Tensor, k: torch.Tensor, config: SampleConfig, **launch) -> float:

@@ -101,18 +101,13 @@ def antidiagonal_scores(
     call = {"chunk_elements": chunk_elements, "q_blocks": (first, end), "q_row0": q_row0}
     kernels = use_kernels(config, q.device)
     if config.estimate_fp8:
-        q_scales = fp8.head_scales(q) if q_scales is None else q_scales
-        k_scales = fp8.head_scales(k)
         fast = kernels and fp8.tensor_cores(q.device)
-        q8 = fp8.quantize(q, q_scales, kernel=fast)
-        k8 = fp8.quantize(k, k_scales, kernel=fast)
+        q8, k8, q_scales, k_scales = fp8.operands(q, k, q_scales, kernel=fast)
         if fast:
-            from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
-
-            group = q.shape[1] // k.shape[1]
-            head_scale = 1.0 / (q_scales * k_scales.repeat_interleave(group, 1))
-            return triton_antidiagonal_scores(q8, k8, config, scale, head_scale=head_scale, **call)
-        q, k = fp8.dequantize(q8, q_scales, q.dtype), fp8.dequantize(k8, k_scales, k.dtype)
+            call["head_scale"] = fp8.logit_factor(q_scales, k_scales)
+            q, k = q8, k8
+        else:
+            q, k = fp8.dequantize(q8, q_scales, q.dtype), fp8.dequantize(k8, k_scales, k.dtype)
     if kernels:
         from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
 

@@ -42,24 +42,48 @@ def quantize(x: torch.Tensor, scales: torch.Tensor, *, kernel: bool = False) -> 
         from flexsample.kernels.fp8 import triton_quantize
 
         return triton_quantize(x, scales)
-    out = torch.empty(x.shape, dtype=FP8, device=x.device)
-    batch, heads, length, dim = x.shape
-    rows = max(1, STEP_ELEMENTS // max(1, batch * heads * dim))
     factor = scales[:, :, None, None]
-    for start in range(0, length, rows):
-        out[:, :, start : start + rows] = (x[:, :, start : start + rows].float() * factor).to(FP8)
-    return out
+    return _in_steps(x, FP8, lambda rows: (rows.float() * factor).to(FP8))
 
 
 def dequantize(x8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`quantize`'s values divided back by their head's scale, in `dtype`: `[B, H, L, D]`, in
     steps of `STEP_ELEMENTS`."""
-    out = torch.empty(x8.shape, dtype=dtype, device=x8.device)
-    batch, heads, length, dim = x8.shape
-    rows = max(1, STEP_ELEMENTS // max(1, batch * heads * dim))
     factor = 1.0 / scales[:, :, None, None]  # powers of two: exact
+    return _in_steps(x8, dtype, lambda rows: rows.float() * factor)
+
+
+def operands(
+    q: torch.Tensor, k: torch.Tensor, q_scales: torch.Tensor | None = None, *, kernel: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q `[B, Hq, L, D]` and k `[B, Hkv, S, D]` -> (e4m3 q, e4m3 k, q's scales `[B, Hq]`, k's
+    `[B, Hkv]`); `q_scales`: q's, where q is a chunk of the sequence (else `head_scales(q)`);
+    `kernel` as in `quantize`."""
+    q_scales = head_scales(q) if q_scales is None else q_scales
+    k_scales = head_scales(k)
+    return (
+        quantize(q, q_scales, kernel=kernel),
+        quantize(k, k_scales, kernel=kernel),
+        q_scales,
+        k_scales,
+    )
+
+
+def logit_factor(q_scales: torch.Tensor, k_scales: torch.Tensor) -> torch.Tensor:
+    """`[B, Hq]`: what undoes the scales in a query head's logits (its KV head's k scale: GQA
+    groups of Hq / Hkv consecutive heads)."""
+    group = q_scales.shape[1] // k_scales.shape[1]
+    return 1.0 / (q_scales * k_scales.repeat_interleave(group, 1))
+
+
+def _in_steps(x: torch.Tensor, dtype: torch.dtype, convert) -> torch.Tensor:
+    """`convert` of x `[B, H, L, D]`'s rows, `STEP_ELEMENTS` at a time, into a new `dtype`
+    tensor."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    batch, heads, length, dim = x.shape
+    rows = max(1, STEP_ELEMENTS // max(1, batch * heads * dim))
     for start in range(0, length, rows):
-        out[:, :, start : start + rows] = x8[:, :, start : start + rows].float() * factor
+        out[:, :, start : start + rows] = convert(x[:, :, start : start + rows])
     return out
 
 
