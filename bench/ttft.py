@@ -17,7 +17,7 @@ One row per (length, mode). Modes (`--modes`, default all but `flexsample`):
 - `door ~10%` / `door default`: `flexsample.integrations.transformers.register(cfg)`, the
   model switched to `attn_implementation="flexsample"`, then `torch.compile(model,
   dynamic=True)` (inductor): the path that passes no S×S mask.
-- `door ~10% layers`: the same door, compiled by region
+- `door ~10% layers` / `door ~5% layers`: the same door, compiled by region
   (`integrations.transformers.compile_model`: each decoder layer `layer.compile(dynamic=True)`,
   one compiled graph shared by the 32 identical layers), the rest eager: the compile-time
   option.
@@ -100,6 +100,7 @@ MODES = [
     *(f"flexsample {k}" for k in DENSITIES),
     *(f"door {k}" for k in DENSITIES),
     "door ~10% layers",
+    "door ~5% layers",
     "door default",
     "door ~10% unreplayed",
     "door default unreplayed",
@@ -655,7 +656,9 @@ def _write(args: argparse.Namespace, setup: Setup, tables: dict, graphs: dict) -
         f"mask is built), compiled with {args.compiler} and dynamic=True like 'inductor'.",
         "door modes: integrations.transformers.register(config), model switched to "
         "attn_implementation='flexsample' (set_attn_implementation), torch.compile(model, "
-        f"dynamic=True) with {args.compiler}: the door's mask function passes no S×S mask. "
+        f"dynamic=True) with {args.compiler} ('layers' modes: compile_model, each decoder "
+        "layer compiled with dynamic=True, the rest eager): the door's mask function passes "
+        "no S×S mask. "
         f"The op replays its sparse path as a CUDA graph up to graph_max_len "
         f"({setup.base.graph_max_len}); 'unreplayed' modes set graph_max_len=0.",
         "Fixed-density configs: "

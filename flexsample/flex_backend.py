@@ -26,7 +26,9 @@ flash-attn-4 4.0.0b36 `flash_attn/cute/interface.py`, `block_sparsity.py`):
 GQA needs nothing: FA4 takes Hq % Hkv == 0 and reads a per-query-head block mask.
 
 `run_compiled_flex` runs the choice: one compiled function per backend, each with its own
-recompile budget, and never dynamo's eager fallback.
+recompile budget, and never dynamo's eager fallback. Both compile with a dynamic length, so one
+compile serves every length; FLASH compiles statically (once per length) only for a mask_mod
+that captures a Python number, which its lowering cannot take symbolically.
 """
 
 from __future__ import annotations
@@ -194,37 +196,40 @@ def kernel_options(
 
 #: Compiles allowed per compiled flex function (dynamo's recompile limit, 8 by default). Each
 #: new dtype, head dim, GQA ratio, mask_mod function or kernel_options compiles again, and so
-#: does each new length on FLASH. Past the limit dynamo would silently run flex_attention
-#: eagerly, whose unfused path materialises S x S scores (out of memory at long S) and, for a
-#: no-op mask_mod, ignores the block lists (a dense answer for a sparse mask; the likely cause
-#: of a GPU test that failed only after the rest of the GPU suite). `run_compiled_flex` never
-#: lets it. A length whose dense tail runs split (`tail.py`) compiles FLASH twice: the mask's
-#: call with its LSE and the tail's key parts.
+#: does each new length on FLASH's static fallback (`_STATIC_FLASH_REASON`). Past the limit
+#: dynamo would silently run flex_attention eagerly, whose unfused path materialises S x S
+#: scores (out of memory at long S) and, for a no-op mask_mod, ignores the block lists (a
+#: dense answer for a sparse mask; the likely cause of a GPU test that failed only after the
+#: rest of the GPU suite). `run_compiled_flex` never lets it.
 FLEX_RECOMPILE_LIMIT = 64
 
 
 def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> object:
     """Compiled `flex_attention(q, k, v, **kwargs)` on the backend `kwargs["kernel_options"]`
     names (Triton if none): `[B, Hq, S, Dv]`, or flex's tuple with `return_aux` (its LSE in
-    natural log on both backends, `flash_lse_unit`). Past
-    `FLEX_RECOMPILE_LIMIT` compiles, FLASH (one compile per length) hands further new lengths
-    to Triton (one compile for all, warned once); Triton raises a RuntimeError naming the
-    limit."""
+    natural log on both backends, `flash_lse_unit`). One compile serves every length, except
+    on FLASH for a mask_mod or score_mod its lowering refuses with a symbolic length
+    (`_STATIC_FLASH_REASON`): calls with those functions compile once per length from then
+    on. Past `FLEX_RECOMPILE_LIMIT` compiles, FLASH hands further new compiles to Triton
+    (warned once); Triton raises a RuntimeError naming the limit."""
     options = kwargs.get("kernel_options") or {}
     backend = options.get("BACKEND", "TRITON")
+    mods = _mod_codes(kwargs)
+    if backend == "FLASH" and mods in _static_flash_mods:
+        backend = _STATIC_FLASH
     try:
         with torch._dynamo.config.patch(
             recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
         ):
             result = _compiled_flex(backend)(q, k, v, **kwargs)
-        if backend == "FLASH" and kwargs.get("return_aux") is not None:
+        if backend in _FLASH_KEYS and kwargs.get("return_aux") is not None:
             out, aux = result
             unit = flash_lse_unit(q.device.index)
             if aux.lse is not None and unit != 1.0:
                 result = out, aux._replace(lse=aux.lse / unit)
         return result
     except FailOnRecompileLimitHit as error:
-        if backend == "FLASH":
+        if backend in _FLASH_KEYS:
             _warn_flash_budget_spent()
             return run_compiled_flex(q, k, v, **{**kwargs, "kernel_options": None})
         raise RuntimeError(
@@ -234,6 +239,35 @@ def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwarg
             "materialises S x S scores. Raise flexsample.flex_backend.FLEX_RECOMPILE_LIMIT or "
             "call torch._dynamo.reset()"
         ) from error
+    except Exception as error:
+        if backend != "FLASH" or _STATIC_FLASH_REASON not in str(error):
+            raise
+    # FLASH refused these mods with a symbolic length: compile them statically from now on.
+    _static_flash_mods.add(mods)
+    return run_compiled_flex(q, k, v, **kwargs)
+
+
+#: What FLASH's lowering (torch 2.11-2.13, `has_unsupported_captured_scalars`) raises when a
+#: mask_mod or score_mod captures a Python int or float that a dynamic compile made symbolic
+#: (e.g. a context-parallel shard's row offsets, or `sampled_causal_mask_mod`'s block sizes);
+#: compiled statically, the number is a constant. flexsample's single-GPU sparse path runs
+#: under `with_causal_mask_mod`, which captures nothing.
+_STATIC_FLASH_REASON = "captures a dynamic scalar"
+_STATIC_FLASH = "FLASH_STATIC"
+_FLASH_KEYS = ("FLASH", _STATIC_FLASH)
+#: (mask_mod, score_mod) keys (`_mod_codes`) that FLASH refused with a symbolic length.
+_static_flash_mods: set = set()
+
+
+def _mod_codes(kwargs: dict) -> tuple:
+    """The code objects of a flex call's mask_mod and score_mod (None where absent): what
+    FLASH's lowering accepts or refuses, whatever values the closures hold. A callable
+    without code (a partial's function unwrapped first) stands for itself."""
+    block_mask = kwargs.get("block_mask")
+    mods = (None if block_mask is None else block_mask.mask_mod, kwargs.get("score_mod"))
+    return tuple(
+        None if mod is None else getattr(getattr(mod, "func", mod), "__code__", mod) for mod in mods
+    )
 
 
 @functools.cache
@@ -259,8 +293,9 @@ def flash_lse_unit(device_index: int) -> float:
 @functools.cache
 def _warn_flash_budget_spent() -> None:
     warnings.warn(
-        f"flexsample: FLASH flex_attention has compiled for {FLEX_RECOMPILE_LIMIT} lengths "
-        "(it compiles once per length); new lengths run on flex's Triton kernel",
+        f"flexsample: FLASH flex_attention has compiled {FLEX_RECOMPILE_LIMIT} times (each "
+        "new dtype, head dim or mask_mod function compiles again, and each new length of a "
+        "mask_mod FLASH compiles statically); new ones run on flex's Triton kernel",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -271,6 +306,10 @@ def _flex_triton(q, k, v, **kwargs):
 
 
 def _flex_flash(q, k, v, **kwargs):
+    return flex_attention(q, k, v, **kwargs)
+
+
+def _flex_flash_static(q, k, v, **kwargs):
     return flex_attention(q, k, v, **kwargs)
 
 
@@ -286,13 +325,13 @@ def _flex_probe(q, k, v, **kwargs):
 @functools.cache
 def _compiled_flex(backend: str):
     # The unfused eager flex_attention materialises S×S; the compiled kernel does not. One
-    # compiled function per backend, each its own code object, since dynamo keeps its compiles
-    # (and counts them against the limit) per code object: FLASH's per-length compiles do not
-    # use up Triton's. (Recompiling one function between the two backends also hit a Dynamo
-    # error in torch 2.11: guard-failure reporting, H100.) Triton: dynamic from the first call,
-    # so that one compile serves every length. FLASH cannot take symbolic lengths (torch 2.11
-    # raises "NYI: score_mod or mask_mod captures a dynamic scalar" even for a mask_mod that
-    # captures nothing: the sequence lengths reach it), so it compiles once per length.
-    if backend == "FLASH":
-        return torch.compile(_flex_flash, dynamic=False)
-    return torch.compile(_flex_triton, dynamic=True)
+    # compiled function per key, each its own code object, since dynamo keeps its compiles
+    # (and counts them against the limit) per code object: FLASH's static fallback, which
+    # compiles per length, does not use up the dynamic ones' budgets. (Recompiling one
+    # function between the two backends also hit a Dynamo error in torch 2.11: guard-failure
+    # reporting, H100.) Dynamic from the first call, so that one compile serves every length:
+    # with FLASH the same kernel time as a static compile from 8K to 128K, odd lengths
+    # included (H100, torch 2.11, bench/results/flash_dynamic.md).
+    if backend == _STATIC_FLASH:
+        return torch.compile(_flex_flash_static, dynamic=False)
+    return torch.compile(_flex_flash if backend == "FLASH" else _flex_triton, dynamic=True)

@@ -2,13 +2,15 @@
 a mocked GPU, and GPU tests that FLASH (FlashAttention-4) and Triton agree on flexsample's masks
 (skipped where FA4 cannot run; set FLEXSAMPLE_FA4_SITE for an offline install)."""
 
+import math
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch._dynamo.exc import FailOnRecompileLimitHit
+from torch.nn.attention.flex_attention import AuxOutput, AuxRequest, BlockMask, create_block_mask
 
 import flexsample.attention
 import flexsample.flex_backend as fb
@@ -42,6 +44,12 @@ def _mask(noop: bool = False, full: bool = True, block: int = 128, n: int = 4) -
     if full:
         return BlockMask.from_kv_blocks(num, idx, torch.zeros_like(num), idx, **kwargs)
     return BlockMask.from_kv_blocks(num, idx, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def no_static_flash_mods(monkeypatch):
+    """Each test starts with no mods recorded as refused by FLASH's dynamic compile."""
+    monkeypatch.setattr(fb, "_static_flash_mods", set())
 
 
 @pytest.fixture
@@ -366,12 +374,148 @@ def test_compiled_flex_never_falls_back_to_eager_past_its_recompile_limit(monkey
         create_block_mask(mod, None, None, 128, 128, device="cpu")
         for mod in _distinct_causal_mask_mods(4)
     ]
-    with pytest.warns(RuntimeWarning, match="new lengths run on flex's Triton kernel"):
+    with pytest.warns(RuntimeWarning, match="new ones run on flex.s Triton kernel"):
         for mask in masks:
             out = fb.run_compiled_flex(q, k, v, block_mask=mask, kernel_options=FLASH)
             torch.testing.assert_close(out, want)
     with pytest.raises(RuntimeError, match="compiled 2 times in this process"):
         fb.run_compiled_flex(q, k, v, block_mask=masks[0], kernel_options=None)
+
+
+def _offset_mod(offset: int):
+    def offset_causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return offset_causal
+
+
+def _refusing(refused_code, behaviour: dict, calls: list):
+    """Stand-in for `_compiled_flex`: each key's function records its calls; "FLASH" refuses
+    a mask_mod with `refused_code` as FLASH's lowering refuses captured numbers;
+    `behaviour[key]` makes a key refuse everything ("refuse") or hit its compile limit
+    ("limit"). Answers come from CPU flex; the LSE is 2 nats, reported in log2 units (x ln 2)
+    by the FLASH keys, as torch without pytorch#181645 does."""
+
+    def compiled(backend):
+        def run(q, k, v, **kwargs):
+            calls.append(backend)
+            mask = kwargs.get("block_mask")
+            act = behaviour.get(backend)
+            if act == "refuse" or (
+                backend == "FLASH" and mask is not None and mask.mask_mod.__code__ is refused_code
+            ):
+                raise RuntimeError(f"LoweringException: NYI: mask_mod {fb._STATIC_FLASH_REASON}")
+            if act == "limit":
+                raise FailOnRecompileLimitHit("fail_on_recompile_limit_hit")
+            out = fb._flex_triton(q, k, v, **{**kwargs, "kernel_options": None, "return_aux": None})
+            lse = torch.full(q.shape[:3], 2.0 * (1.0 if backend == "TRITON" else math.log(2)))
+            return out, AuxOutput(lse=lse)
+
+        return run
+
+    return compiled
+
+
+def test_flash_compiles_statically_only_for_mods_its_lowering_refuses(monkeypatch):
+    """FLASH compiles with a dynamic length; where its lowering refuses a mask_mod capturing a
+    Python number (`_STATIC_FLASH_REASON`), calls with that mask_mod's code (whatever number
+    it holds) go to the static compile from then on, other mask_mods keep the dynamic one,
+    Triton is never rerouted, both FLASH keys' LSE comes back in natural log and Triton's
+    untouched, and any other error is raised."""
+    calls: list = []
+    monkeypatch.setattr(fb, "_compiled_flex", _refusing(_offset_mod(0).__code__, {}, calls))
+    monkeypatch.setattr(fb, "flash_lse_unit", lambda index: math.log(2))
+    q, k, v = (torch.randn(1, 2, 256, 16) for _ in "qkv")
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    refused = [
+        create_block_mask(_offset_mod(offset), None, None, 256, 256, device="cpu")
+        for offset in (0, 0, 64)
+    ]
+    masks = [(mask, FLASH) for mask in refused] + [(_mask(n=2), FLASH), (refused[0], None)]
+    for mask, options in masks:
+        out, aux = fb.run_compiled_flex(
+            q, k, v, block_mask=mask, kernel_options=options, return_aux=AuxRequest(lse=True)
+        )
+        if mask.mask_mod.__code__ is refused[0].mask_mod.__code__ and options is FLASH:
+            rows = torch.arange(256)
+            want_mask = rows[:, None] + (64 if mask is refused[2] else 0) >= rows
+            want_here = F.scaled_dot_product_attention(q, k, v, attn_mask=want_mask)
+        else:
+            want_here = want
+        torch.testing.assert_close(out, want_here)
+        torch.testing.assert_close(aux.lse, torch.full((1, 2, 256), 2.0))
+    assert calls == ["FLASH", "FLASH_STATIC", "FLASH_STATIC", "FLASH_STATIC", "FLASH", "TRITON"]
+    assert fb._static_flash_mods == {(refused[0].mask_mod.__code__, None)}
+
+    def broken(backend):
+        def run(q, k, v, **kwargs):
+            raise RuntimeError("LoweringException: some other failure")
+
+        return run
+
+    monkeypatch.setattr(fb, "_compiled_flex", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        fb.run_compiled_flex(q, k, v, block_mask=_mask(n=2), kernel_options=FLASH)
+    assert fb._static_flash_mods == {(refused[0].mask_mod.__code__, None)}
+
+
+def test_static_flash_past_its_limit_goes_to_triton_and_a_second_refusal_is_raised(monkeypatch):
+    calls: list = []
+    behaviour = {"FLASH_STATIC": "limit"}
+    monkeypatch.setattr(fb, "_compiled_flex", _refusing(_offset_mod(0).__code__, behaviour, calls))
+    monkeypatch.setattr(fb, "flash_lse_unit", lambda index: 1.0)
+    fb._warn_flash_budget_spent.cache_clear()
+    q = torch.randn(1, 2, 256, 16)
+    mask = create_block_mask(_offset_mod(0), None, None, 256, 256, device="cpu")
+    with pytest.warns(RuntimeWarning, match="new ones run on flex's Triton kernel"):
+        fb.run_compiled_flex(q, q, q, block_mask=mask, kernel_options=FLASH)
+    assert calls == ["FLASH", "FLASH_STATIC", "TRITON"]
+    calls.clear()
+    behaviour["FLASH_STATIC"] = "refuse"  # cannot happen in torch; must not loop
+    with pytest.raises(RuntimeError, match=fb._STATIC_FLASH_REASON):
+        fb.run_compiled_flex(q, q, q, block_mask=mask, kernel_options=FLASH)
+    assert calls == ["FLASH_STATIC"]
+    fb._warn_flash_budget_spent.cache_clear()
+
+
+def test_each_compiled_flex_has_its_own_code_and_flash_is_dynamic(monkeypatch):
+    """FLASH and Triton compile with a dynamic length, the static fallback without; three
+    code objects, so three compile budgets."""
+    made = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic: made.setdefault(fn, dynamic))
+    fb._compiled_flex.cache_clear()
+    try:
+        for key in ("TRITON", "FLASH", "FLASH_STATIC"):
+            fb._compiled_flex(key)
+    finally:
+        fb._compiled_flex.cache_clear()
+    assert made == {fb._flex_triton: True, fb._flex_flash: True, fb._flex_flash_static: False}
+    assert len({fn.__code__ for fn in made}) == 3
+
+
+def _window_mod(width: int):
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < width)
+
+    return window
+
+
+@pytest.mark.gpu
+def test_flash_runs_mask_mods_capturing_python_numbers_at_every_length():
+    """A mask_mod capturing a Python int (a sliding window's width), on FLASH at two lengths
+    and widths: whether the lowering takes it dynamically or run_compiled_flex compiles it
+    statically, the answer is the windowed attention."""
+    _needs_flash()
+    for seq_len, width in ((1024, 256), (2048 + 128, 384)):
+        torch.manual_seed(seq_len)
+        q, k, v = (
+            torch.randn(1, 4, seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv"
+        )
+        mask = create_block_mask(_window_mod(width), None, None, seq_len, seq_len, device="cuda")
+        out = fb.run_compiled_flex(q, k, v, block_mask=mask, kernel_options=FLASH)
+        rows = torch.arange(seq_len, device="cuda")
+        gap = rows[:, None] - rows[None, :]
+        assert_output_close(out, q, k, v, ((gap >= 0) & (gap < width))[None, None])
 
 
 def test_auto_keeps_triton_in_traced_code(hopper, monkeypatch):
@@ -385,10 +529,9 @@ def test_auto_keeps_triton_in_traced_code(hopper, monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "flash"])
 def test_one_compiled_flex_serves_every_length_and_caller(backend):
     """The op's compiled flex_attention compiles once per caller-independent key: calls from
-    eager code and from a compiled graph (whose dispatch key sets differ) share it, and on the
-    Triton backend so do all lengths (FLASH compiles per length: torch 2.11 cannot give it
-    symbolic lengths). Each answer matches the Triton backend on the same mask (the tail split
-    included: within bf16 rounding of it)."""
+    eager code and from a compiled graph (whose dispatch key sets differ) share it, and so do
+    all lengths, on either backend. Each answer matches the Triton backend on the same mask
+    (the tail split included: within bf16 rounding of it)."""
     if backend == "flash":
         _needs_flash()
     from flexsample.op import config_to_str
@@ -418,11 +561,10 @@ def test_one_compiled_flex_serves_every_length_and_caller(backend):
         torch.testing.assert_close(first, eager, atol=0, rtol=0)
         torch.testing.assert_close(second, eager, atol=0, rtol=0)
         torch.testing.assert_close(eager, triton, atol=3e-2, rtol=3e-2)
-    # The first length compiles the outer graph too (and, for Triton, the flex itself). The
-    # op replays at these lengths, where the dense tail runs split (tail.py): FLASH compiles
-    # its two calls (the mask's, with its LSE, and the tail's key parts) per length.
-    later = [0, 0] if backend == "triton" else [2, 2]
-    assert new_graphs[1:] == later, new_graphs
+    # The first length compiles the outer graph and the flex calls (the op replays at these
+    # lengths, where the dense tail runs split, tail.py: the mask's call with its LSE and the
+    # tail's key parts); later lengths compile nothing.
+    assert new_graphs[1:] == [0, 0], new_graphs
 
 
 @pytest.mark.gpu
