@@ -138,7 +138,9 @@ class SampleConfig:
         fp32 between promotions (`kernels.antidiagonal.FP8_IMPRECISE_ACC`: a relative RMS
         error of 2.2e-3 on the estimate with "max", 3.8e-4 with "mean", H100).
         Memory during the estimate: e4m3 copies of q and k (half their size in bf16), and
-        where the kernel cannot read e4m3 their values back in the input dtype. False (the
+        where the kernel cannot read e4m3 their values back in the input dtype. Faster from
+        128K only (H100, Llama-3-8B shape: build 15.2 -> 11.3 ms at 128K, attention_fp8.md;
+        replayed 1.16 -> 1.14 ms at 32K and slower at 8K-24K, build_floor.md). False (the
         default) until more than one model is judged: see ALGORITHM §9 "fp8 operands".
     graph_max_len: prefill tokens per call (batch x length) up to which the op
         (`flexsample::sample_attention`, behind both doors) replays its sparse path as one
