@@ -103,6 +103,13 @@ def add_antidiagonal_arguments(parser, *, strides: list[int], alphas: list[float
         default=["off"],
         help="SampleConfig.estimate_fp8 of the antidiagonal rows ('on' rows end in ' fp8')",
     )
+    parser.add_argument(
+        "--group-estimate",
+        choices=["off", "on"],
+        nargs="+",
+        default=["off"],
+        help="SampleConfig.group_estimate of the antidiagonal rows ('on' rows end in ' grp')",
+    )
 
 
 def _optional_float(text: str) -> float | None:
@@ -139,15 +146,16 @@ def config_override(text: str) -> tuple[str, object]:
 
 def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> dict:
     """The antidiagonal rows by name (`{prefix} {cell_score} a={alpha} s={stride}
-    r={row_threshold}`, then ` t={dense_tail}` where it is not the default and ` fp8` with
-    `estimate_fp8`): every combination of `add_antidiagonal_arguments`' flags, and
-    `args.local_blocks` if set."""
+    r={row_threshold}`, then ` t={dense_tail}` where it is not the default, ` fp8` with
+    `estimate_fp8` and ` grp` with `group_estimate`): every combination of
+    `add_antidiagonal_arguments`' flags, and `args.local_blocks` if set."""
     local = getattr(args, "local_blocks", None)
     tails = getattr(args, "dense_tails", [SampleConfig.dense_tail])
     return {
         f"{prefix} {cell} a={alpha} s={stride} r={row}"
         + ("" if tail == SampleConfig.dense_tail else f" t={tail}")
-        + (" fp8" if fp8 == "on" else ""): dataclasses.replace(
+        + (" fp8" if fp8 == "on" else "")
+        + (" grp" if grp == "on" else ""): dataclasses.replace(
             base,
             estimator="antidiagonal",
             alpha=alpha,
@@ -156,6 +164,7 @@ def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> 
             row_threshold=row,
             dense_tail=tail,
             estimate_fp8=fp8 == "on",
+            group_estimate=grp == "on",
             **({} if local is None else {"local_blocks": local}),
         )
         for cell in args.cell_scores
@@ -164,6 +173,7 @@ def antidiagonal_configs(base: SampleConfig, args, prefix: str = "antidiag") -> 
         for row in args.row_thresholds
         for tail in tails
         for fp8 in getattr(args, "estimate_fp8", ["off"])
+        for grp in getattr(args, "group_estimate", ["off"])
     }
 
 

@@ -99,10 +99,11 @@ def _stages(q, k, config) -> dict:
     seq_len = q.shape[2]
     if config.estimator == "antidiagonal":
         est = antidiagonal_scores(q, k, config, scale)
-        keep, lists = selected_lists(est, seq_len, config)
+        heads = q.shape[1]
+        keep, lists = selected_lists(est, seq_len, config, heads=heads)
         return {
             "scores ms": lambda: antidiagonal_scores(q, k, config, scale),
-            "select ms": lambda: selected_lists(est, seq_len, config),
+            "select ms": lambda: selected_lists(est, seq_len, config, heads=heads),
             "BlockMask ms": lambda: keep_block_mask(
                 keep, seq_len, config, compute_q_blocks=False, lists=lists
             ),

@@ -16,7 +16,8 @@ One row per (length, mode). Modes (`--modes`, default all but `flexsample`):
   `flexsample` is the same at the default config.
 - `door ~10%` / `door default`: `flexsample.integrations.transformers.register(cfg)`, the
   model switched to `attn_implementation="flexsample"`, then `torch.compile(model,
-  dynamic=True)` (inductor): the path that passes no S×S mask.
+  dynamic=True)` (inductor): the path that passes no S×S mask. `door group`: the default
+  with `group_estimate=True`.
 - `door ~10% layers` / `door ~5% layers`: the same door, compiled by region
   (`integrations.transformers.compile_model`: each decoder layer `layer.compile(dynamic=True)`,
   one compiled graph shared by the 32 identical layers), the rest eager: the compile-time
@@ -102,6 +103,7 @@ MODES = [
     "door ~10% layers",
     "door ~5% layers",
     "door default",
+    "door group",
     "door ~10% unreplayed",
     "door default unreplayed",
 ]
@@ -201,6 +203,8 @@ def config_of(mode: str, base: SampleConfig) -> SampleConfig:
     for key, target in DENSITIES.items():
         if key in mode.split():
             config = fixed_density(target, base)
+    if "group" in mode.split():
+        config = dataclasses.replace(config, group_estimate=True)
     if mode.endswith(" unreplayed"):
         config = dataclasses.replace(config, graph_max_len=0)
     return config

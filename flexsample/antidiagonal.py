@@ -34,11 +34,12 @@ UNIT_BITS = 32
 
 
 class BlockEstimate(NamedTuple):
-    """The antidiagonal estimate of every (query block, key block), `[B, Hq, nQ, nKV]` float32
-    each. `mass`: the block's estimated attention mass, summed over the query block's strided
-    rows (a row of it sums to the number of strided rows with a real row). `peak`: the largest
-    share of its own estimated mass that any one of those strided rows puts in the key block,
-    in [0, 1] (what `row_threshold` reads, §9)."""
+    """The antidiagonal estimate of every (query block, key block), `[B, H, nQ, nKV]` float32
+    each (H: the query heads, or the KV heads with `group_estimate`). `mass`: the block's
+    estimated attention mass, summed over the query block's strided rows (a row of it sums to
+    the number of strided rows with a real row). `peak`: the largest share of its own
+    estimated mass that any one of those strided rows puts in the key block, in [0, 1] (what
+    `row_threshold` reads, §9)."""
 
     mass: torch.Tensor
     peak: torch.Tensor
@@ -71,7 +72,8 @@ def antidiagonal_scores(
     q_scales: torch.Tensor | None = None,
 ) -> BlockEstimate:
     """Estimated attention mass of every (query block, key block), and each block's largest
-    share of one strided row: `BlockEstimate` of `[B, Hq, nQ, nKV]` float32 tensors.
+    share of one strided row: `BlockEstimate` of `[B, Hq, nQ, nKV]` float32 tensors (`[B, Hkv,
+    ...]` with `group_estimate`, below).
 
     q `[B, Hq, S, D]`, k `[B, Hkv, S, D]` (GQA: a KV head's query heads share its K', no copy).
     The strided logit of cell (m, n) is `scale` times the max (`cell_score="max"`) or the mean
@@ -86,6 +88,8 @@ def antidiagonal_scores(
     must cover those blocks' rows (context parallelism: a rank's chunk). With
     `config.estimate_fp8` the scores are those of q and k rounded to e4m3 (`fp8.py`) under
     `fp8.head_scales` of q, or `q_scales` `[B, Hq]` where q is a chunk (the whole sequence's).
+    With `config.group_estimate` and GQA the estimate is one per KV head, `[B, Hkv, ...]`,
+    from `group_rows` of q (the fp8 scale of a group: its heads' smallest).
     """
     seq_len = k.shape[2]
     num_q = math.ceil(seq_len / config.q_block)
@@ -99,6 +103,14 @@ def antidiagonal_scores(
             f" need rows {rows_needed[0]}..{rows_needed[1] - 1}"
         )
     call = {"chunk_elements": chunk_elements, "q_blocks": (first, end), "q_row0": q_row0}
+    group = q.shape[1] // k.shape[1]
+    if config.group_estimate and group > 1:
+        if config.estimate_fp8:
+            # The group's coarsest scale fits every row the group's strided rows read, and is
+            # the same whether q is the whole sequence or a chunk of it (context parallelism).
+            q_scales = fp8.head_scales(q) if q_scales is None else q_scales
+            q_scales = q_scales.unflatten(1, (-1, group)).amin(-1)
+        q = group_rows(q, group, config.stride, q_row0)
     kernels = use_kernels(config, q.device)
     if config.estimate_fp8:
         fast = kernels and fp8.tensor_cores(q.device)
@@ -113,6 +125,16 @@ def antidiagonal_scores(
 
         return triton_antidiagonal_scores(q, k, config, scale, **call)
     return torch_antidiagonal_scores(q, k, config, scale, **call)
+
+
+def group_rows(q: torch.Tensor, group: int, stride: int, q_row0: int = 0) -> torch.Tensor:
+    """q `[B, Hq, L, D]` (rows q_row0.. of the sequence) -> `[B, Hq // group, L, D]`: row i of
+    KV head h is row i of query head h * group + ((q_row0 + i) // stride) % group, so strided
+    row m of the estimate (rows m*s .. m*s + s - 1) reads query head m mod group of the
+    group (`SampleConfig.group_estimate`). A gathered copy: 1/group of q."""
+    rows = torch.arange(q.shape[2], device=q.device)
+    member = (rows + q_row0) // stride % group
+    return q.unflatten(1, (-1, group))[:, :, member, rows]
 
 
 def torch_antidiagonal_scores(
@@ -285,20 +307,38 @@ def estimate_units(mass: torch.Tensor) -> torch.Tensor:
 
 
 def selected_lists(
-    estimate: BlockEstimate, seq_len: int, config: SampleConfig, first_block: int = 0
+    estimate: BlockEstimate,
+    seq_len: int,
+    config: SampleConfig,
+    first_block: int = 0,
+    heads: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(keep `[B, H, nQ, nKV]` bool, the four BlockMask lists) of `select_blocks`: one Triton
     launch where `layout.use_kernels` (`kernels/select_lists.py`), else `select_blocks` and
-    `block_mask.keep_lists`."""
+    `block_mask.keep_lists`. `heads`: the query heads to return (None: the estimate's); an
+    estimate of fewer heads (`group_estimate`) has each head's selection repeated for the
+    `heads / H` query heads of its group."""
     est = estimate.mass
+    keep, lists = None, None
     if use_kernels(config, est.device):
         from flexsample.kernels.select_lists import MAX_KV_BLOCKS, triton_select_lists
 
         if est.shape[-1] <= MAX_KV_BLOCKS:
-            return triton_select_lists(estimate, seq_len, config, first_block)
-    keep = select_blocks(estimate, seq_len, config, first_block)
-    first_row = torch.arange(first_block, first_block + est.shape[-2], device=est.device)
-    return keep, keep_lists(keep, first_row * config.q_block, config.kv_block)
+            keep, lists = triton_select_lists(estimate, seq_len, config, first_block)
+    if keep is None:
+        keep = select_blocks(estimate, seq_len, config, first_block)
+        first_row = torch.arange(first_block, first_block + est.shape[-2], device=est.device)
+        lists = keep_lists(keep, first_row * config.q_block, config.kv_block)
+    group = 1 if heads is None else heads // est.shape[1]
+    if group == 1:
+        return keep, lists
+    return _repeat_heads(keep, group), tuple(_repeat_heads(x, group) for x in lists)
+
+
+def _repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """`[B, H, ...]` -> `[B, H * group, ...]`, each head repeated `group` times in a row; a
+    copy with static shapes (the build is captured in a CUDA graph, `graphs.py`)."""
+    return x.unsqueeze(2).expand(x.shape[0], x.shape[1], group, *x.shape[2:]).flatten(1, 2)
 
 
 def _causal_and_forced(

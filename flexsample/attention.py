@@ -150,7 +150,7 @@ def sample_block_mask(
     with torch.no_grad():
         if config.estimator == "antidiagonal":
             est = antidiagonal_scores(q, k, config, resolve_scale(q, scale))
-            keep, lists = selected_lists(est, q.shape[2], config)
+            keep, lists = selected_lists(est, q.shape[2], config, heads=q.shape[1])
             return keep_block_mask(
                 keep, q.shape[2], config, compute_q_blocks=needs_grad, lists=lists
             )

@@ -142,6 +142,18 @@ class SampleConfig:
         128K only (H100, Llama-3-8B shape: build 15.2 -> 11.3 ms at 128K, attention_fp8.md;
         replayed 1.16 -> 1.14 ms at 32K and slower at 8K-24K, build_floor.md). False (the
         default) until more than one model is judged: see ALGORITHM §9 "fp8 operands".
+    group_estimate: antidiagonal mode: a bool; True estimates and selects once per KV head
+        instead of once per query head: strided row m of the estimate reads query head
+        m mod G of its KV head's group of G (`antidiagonal.group_rows`), so every head of the
+        group scores 1/G of the rows, and the group's query heads share one mask. The
+        estimate's FLOPs fall G times (4 on Llama-3-8B); the mask covers `alpha` of the
+        group's mean estimated mass, and `row_threshold` still reads each strided row alone.
+        No effect without GQA (G = 1). False (the default): on the real-text model (H100,
+        realtext_group.md) alpha 0.9 gives perplexity ratio 1.02 @ density 0.147 against the
+        per-head 1.01 @ 0.143, and the worst head's CRA falls in 3 of 8 layers; it pays where
+        the estimate dominates: Llama-3-8B shape at 128K, op total 23.9 -> 16.8 ms (10.5x ->
+        14.9x cuDNN, attention_group.md), replayed build at 32K 1.15 -> 0.60 ms
+        (build_floor.md). ALGORITHM §9 "Group estimate".
     graph_max_len: prefill tokens per call (batch x length) up to which the op
         (`flexsample::sample_attention`, behind both doors) replays its sparse path as one
         CUDA graph on the device's default stream (`flexsample/graphs.py`), an integer >= 0
@@ -179,6 +191,7 @@ class SampleConfig:
     dense_tail: int = 64
     split_tail: bool = True
     estimate_fp8: bool = False
+    group_estimate: bool = False
     graph_max_len: int = 32768
 
     def __post_init__(self) -> None:
@@ -225,7 +238,7 @@ class SampleConfig:
             )
         _check_int("local_blocks", self.local_blocks, 0)
         _check_int("dense_tail", self.dense_tail, 0)
-        for name in ("split_tail", "estimate_fp8"):
+        for name in ("split_tail", "estimate_fp8", "group_estimate"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is not allowed: use True or False"

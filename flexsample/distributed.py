@@ -349,7 +349,9 @@ def _antidiagonal_shard_mask(
         est = antidiagonal_scores(
             chunk, k, config, scale, q_blocks=(first, last), q_row0=start, q_scales=q_scales
         )
-        keep, chunk_lists = selected_lists(est, seq_len, config, first_block=first)
+        keep, chunk_lists = selected_lists(
+            est, seq_len, config, first_block=first, heads=q.shape[1]
+        )
         keeps.append(keep)
         lists.append(chunk_lists)
         rows.append(torch.arange(start, end, device=q.device))

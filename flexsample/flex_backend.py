@@ -211,7 +211,10 @@ def run_compiled_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwarg
     on FLASH for a mask_mod or score_mod its lowering refuses with a symbolic length
     (`_STATIC_FLASH_REASON`): calls with those functions compile once per length from then
     on. Past `FLEX_RECOMPILE_LIMIT` compiles, FLASH hands further new compiles to Triton
-    (warned once); Triton raises a RuntimeError naming the limit."""
+    (warned once); Triton raises a RuntimeError naming the limit. Without a block_mask, flex's
+    own one-block dense mask, built eagerly (`dense_block_mask`): such calls are forward only."""
+    if kwargs.get("block_mask") is None:
+        kwargs = {**kwargs, "block_mask": dense_block_mask(q.device)}
     options = kwargs.get("kernel_options") or {}
     backend = options.get("BACKEND", "TRITON")
     mods = _mod_codes(kwargs)
@@ -259,6 +262,34 @@ _FLASH_KEYS = ("FLASH", _STATIC_FLASH)
 _static_flash_mods: set = set()
 
 
+def dense_block_mask(device: torch.device) -> BlockMask:
+    """The BlockMask flex_attention makes when given none (one block as large as any query
+    and key length, no mask_mod), built eagerly, forward only (no transposed lists: their
+    vmap fails under the op's dispatch guard), kept per device except when first asked for
+    inside a CUDA-graph capture (its tensors would live in that graph's pool). Built inside
+    the compiled function, flex's own failed to trace with a symbolic batch: FLASH compiled
+    with dynamic=True on the dense tail's key parts (`tail.add_rectangle`) raised (H100 /
+    H200, torch 2.11), so the op's CUDA-graph capture fell back to eager."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _build_dense_block_mask(device)
+    return _kept_dense_block_mask(device)
+
+
+@functools.cache
+def _kept_dense_block_mask(device: torch.device) -> BlockMask:
+    return _build_dense_block_mask(device)
+
+
+def _build_dense_block_mask(device: torch.device) -> BlockMask:
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=torch.ones(1, 1, 1, dtype=torch.int32, device=device),
+        kv_indices=torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device),
+        BLOCK_SIZE=1 << 30,  # flex's `_LARGE_SPARSE_BLOCK_SIZE` (private)
+        seq_lengths=(1, 1),
+        compute_q_blocks=False,
+    )
+
+
 def _mod_codes(kwargs: dict) -> tuple:
     """The code objects of a flex call's mask_mod and score_mod (None where absent): what
     FLASH's lowering accepts or refuses, whatever values the closures hold. A callable
@@ -278,10 +309,17 @@ def flash_lse_unit(device_index: int) -> float:
     Triton's log2). Measured once per device, not guessed from the version: zero q and k give
     128 logits of 0 per row, whose LSE is log 128. Its own compiled function, so that the
     probe never meets a spent recompile budget. The probe syncs: its first call must not be
-    inside a CUDA-graph capture (the op's replay and eager runs reach it in their warm-up)."""
-    zeros = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16, device=f"cuda:{device_index}")
+    inside a CUDA-graph capture (the op's replay and eager runs reach it in their warm-up).
+    Its mask is `dense_block_mask`, built eagerly, as for the op's calls."""
+    device = torch.device("cuda", device_index)
+    zeros = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16, device=device)
     _, aux = _compiled_probe()(
-        zeros, zeros, zeros, kernel_options={"BACKEND": "FLASH"}, return_aux=AuxRequest(lse=True)
+        zeros,
+        zeros,
+        zeros,
+        block_mask=dense_block_mask(device),
+        kernel_options={"BACKEND": "FLASH"},
+        return_aux=AuxRequest(lse=True),
     )
     ratio = aux.lse.float().mean().item() / math.log(128)
     for unit in (1.0, math.log(2)):

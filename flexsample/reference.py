@@ -168,6 +168,8 @@ def reference_antidiagonal_scores(
     logits over its cells with row < S and key <= row, -inf without any; each strided row's
     softmax (zero if it has no finite logit) is summed over each key block's keys: the
     mass sums that over the query block's strided rows, the peak is its largest.
+    `config.group_estimate` with GQA (G query heads per KV head): one estimate per KV head,
+    `[B, Hkv, nQ, nKV]`, whose strided row m is query head m mod G's row m of its group.
     """
     batch, heads, seq_len, _ = q.shape
     s = config.stride
@@ -187,6 +189,10 @@ def reference_antidiagonal_scores(
         count = valid.sum(-1)
         cell = torch.where(valid, cells, 0.0).sum(-1) / count.clamp(min=1)
         cell = cell.masked_fill(count == 0, float("-inf"))
+    group = heads // k.shape[1]
+    if config.group_estimate and group > 1:
+        m = torch.arange(num_strided, device=q.device)
+        cell = cell.unflatten(1, (-1, group))[:, :, m % group, m]
     probs = cell.softmax(-1).nan_to_num(0.0)
     first = torch.arange(num_strided, device=q.device) * s
     to_q = F.one_hot(first // config.q_block, math.ceil(seq_len / config.q_block)).double()

@@ -38,6 +38,7 @@ def antidiagonal_configs(draw, **fixed) -> SampleConfig:
         "cell_score": draw(st.sampled_from(["max", "mean"])),
         "row_threshold": draw(st.sampled_from([None, 0.5, 2.0, 7.5])),
         "dense_tail": draw(st.sampled_from([0, 1, 64, 200])),
+        "group_estimate": draw(st.booleans()),
     }
     return draw(configs(**(fields | fixed)))
 
@@ -169,6 +170,7 @@ def test_block_mask_contract_and_exact_attention(inputs, config):
     seq_len = q.shape[2]
     block_mask = sample_block_mask(q, k, config)
     keep = select_blocks(antidiagonal_scores(q, k, config, q.shape[-1] ** -0.5), seq_len, config)
+    keep = keep.repeat_interleave(q.shape[1] // keep.shape[1], 1)  # group_estimate: per KV head
     assert_block_mask_contract(block_mask, keep, config)
     mask = reference_token_mask(keep, seq_len, config)
     assert_output_close(sample_attention(q, k, v, config, enable_gqa=True), q, k, v, mask)
@@ -319,15 +321,23 @@ def test_cell_max_keeps_the_heavy_keys_that_the_mean_damps():
     assert mean.mean() < 0.85 and mean.quantile(0.01) < 0.1, (mean.mean(), mean.quantile(0.01))
 
 
+@pytest.mark.parametrize("group_estimate", [False, True])
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
 @pytest.mark.parametrize("blocks", [(0, 16), (1, 3), (14, 16), (5, 6)])
-def test_a_range_of_query_blocks_reads_only_their_rows(blocks, cell_score):
+def test_a_range_of_query_blocks_reads_only_their_rows(blocks, cell_score, group_estimate):
     """`q_blocks=(first, end)` (context parallelism's chunks): the full estimate's rows, with q
-    NaN outside those blocks' rows; 1000 tokens = 15.6 blocks of 64."""
+    NaN outside those blocks' rows; 1000 tokens = 15.6 blocks of 64. GQA 3 (4 strided rows a
+    block): with `group_estimate` a chunk's rows read the head of their global row."""
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 1000, 16, generator=gen) * 2
+    q = torch.randn(2, 6, 1000, 16, generator=gen) * 2
     k = torch.randn(2, 2, 1000, 16, generator=gen)
-    config = SampleConfig(estimator="antidiagonal", q_block=64, kv_block=32, cell_score=cell_score)
+    config = SampleConfig(
+        estimator="antidiagonal",
+        q_block=64,
+        kv_block=32,
+        cell_score=cell_score,
+        group_estimate=group_estimate,
+    )
     first, end = blocks
     full = BlockEstimate(*(x[:, :, first:end] for x in antidiagonal_scores(q, k, config, 0.25)))
     masked = q.clone()
@@ -399,3 +409,51 @@ def test_row_peaks_lift_the_worst_rows_at_little_density():
     (plain, plain_p1), (peaks, peaks_p1) = measure(None), measure(7.5)
     assert peaks_p1 >= 0.8 and plain_p1 < 0.72, (plain_p1, peaks_p1)
     assert peaks < 1.1 * plain, (plain, peaks)
+
+
+def _needle_head_inputs():
+    """1 KV head, 4 query heads, 2048 tokens, D 32: heads 0, 1 and 3 attend about uniformly;
+    every query of head 2 points at the keys of key block 5 (rows 640-767)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 2048, 32, generator=gen) * 0.1
+    k = torch.randn(1, 1, 2048, 32, generator=gen) * 0.1
+    needle = torch.randn(32, generator=gen)
+    needle /= needle.norm()
+    k[0, 0, 640:768] += 4 * needle
+    q[0, 2] += 4 * needle
+    return q, k
+
+
+def test_group_estimate_shares_a_mask_that_keeps_what_one_head_needs():
+    """`group_estimate`: one mask per KV head, identical over its query heads, and a key block
+    that only one head of the group needs is kept, since that head scores its share of the
+    strided rows. A planted bug (every strided row read from the group's first head) loses it."""
+    q, k = _needle_head_inputs()
+    config = SampleConfig(
+        alpha=0.3, q_block=128, kv_block=128, min_seq_len=0, dense_tail=0, group_estimate=True
+    )
+    later = slice(7, None)  # query blocks past the needle's block and its local block
+
+    def needle_kept():
+        keep = kept_blocks(sample_block_mask(q, k, config))
+        assert keep.shape == (1, 4, 16, 16)
+        assert (keep == keep[:, :1]).all()  # one mask for the group
+        return keep[0, :, later, 5]
+
+    assert needle_kept().all()
+    first_head = lambda q, group, stride, q_row0=0: q[:, ::group]  # noqa: E731
+    with mock.patch.object(antidiagonal, "group_rows", first_head):
+        assert not needle_kept().all()
+    # The per-head estimate keeps it for head 2.
+    per_head = dataclasses.replace(config, group_estimate=False)
+    assert kept_blocks(sample_block_mask(q, k, per_head))[0, 2, later, 5].all()
+
+
+def test_group_estimate_without_gqa_is_the_per_head_estimate():
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 500, 16, generator=gen), torch.randn(2, 3, 500, 16, generator=gen)
+    config = SampleConfig(q_block=32, kv_block=32, min_seq_len=0)
+    grouped = dataclasses.replace(config, group_estimate=True)
+    torch.testing.assert_close(
+        antidiagonal_scores(q, k, grouped, 0.25), antidiagonal_scores(q, k, config, 0.25)
+    )

@@ -1,6 +1,7 @@
 """The antidiagonal estimate's Triton kernels (ALGORITHM §9) vs the reference: the interpreter
 on CPU (small shapes), the PyTorch path on the GPU at a Llama-3-8B shape."""
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -15,7 +16,6 @@ from flexsample.antidiagonal import (
     CHUNK_ELEMENTS,
     BlockEstimate,
     antidiagonal_scores,
-    torch_antidiagonal_scores,
 )
 from flexsample.kernels import antidiagonal as kernels
 from flexsample.kernels.antidiagonal import triton_antidiagonal_scores
@@ -317,23 +317,31 @@ def test_key_splits_fill_the_gpu_and_keep_tiles_in_l2():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group_estimate", [False, True])
 @pytest.mark.parametrize("cell_score", ["max", "mean"])
 @pytest.mark.parametrize("stride", [8, 16])
 @pytest.mark.parametrize("heads, kv_heads", [(32, 8), (6, 2)])
-def test_kernel_matches_the_pytorch_path_at_llama_shape(stride, cell_score, heads, kv_heads):
+def test_kernel_matches_the_pytorch_path_at_llama_shape(
+    stride, cell_score, heads, kv_heads, group_estimate
+):
     """B 1, Hq 32, Hkv 8 (and the real-text model's 6 / 2, whose launches split the keys), D
     128, S = 16K + 77 (odd: a partial strided row and query block), bf16: the kernel against
     the PyTorch path on the same inputs in fp32 (fp32 logits, as the kernel keeps them; with
-    "mean" the bf16 path rounds each logit), within the kernel's bound."""
+    "mean" the bf16 path rounds each logit), within the kernel's bound; per query head and
+    per KV head (`group_estimate`)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     seq_len = 16384 + 77
     q = torch.randn(1, heads, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     k = torch.randn(1, kv_heads, seq_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     k[:, :, torch.randint(0, seq_len, (64,), device="cuda", generator=gen)] *= 4  # heavy keys
-    config = SampleConfig(estimator="antidiagonal", stride=stride, alpha=0.9, cell_score=cell_score)
+    config = SampleConfig(
+        stride=stride, alpha=0.9, cell_score=cell_score, group_estimate=group_estimate
+    )
     scale = 128**-0.5
     got = antidiagonal_scores(q, k, config, scale)  # auto on CUDA: the kernel
-    want = torch_antidiagonal_scores(q.float(), k.float(), config, scale)
+    torch_path = dataclasses.replace(config, score_backend="torch")
+    want = antidiagonal_scores(q.float(), k.float(), torch_path, scale)
+    assert got.mass.shape[1] == (kv_heads if group_estimate else heads)
     for name in BlockEstimate._fields:
         err = rel_rms(getattr(got, name), getattr(want, name))
         assert err <= ANTIDIAG_KERNEL_REL_RMS, f"{name}: relative RMS error {err:.3g}"

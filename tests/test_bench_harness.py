@@ -27,3 +27,16 @@ def test_antidiagonal_rows_cover_the_fp8_flag():
     assert sorted(rows) == ["antidiag max a=0.9 s=16 r=7.5", "antidiag max a=0.9 s=16 r=7.5 fp8"]
     assert rows["antidiag max a=0.9 s=16 r=7.5 fp8"].estimate_fp8
     assert not rows["antidiag max a=0.9 s=16 r=7.5"].estimate_fp8
+
+
+def test_antidiagonal_rows_cover_the_group_flag():
+    parser = argparse.ArgumentParser()
+    add_antidiagonal_arguments(parser, strides=[16], alphas=[0.9])
+    args = parser.parse_args(["--group-estimate", "off", "on", "--estimate-fp8", "on"])
+    rows = antidiagonal_configs(SampleConfig(), args)
+    assert sorted(rows) == [
+        "antidiag max a=0.9 s=16 r=7.5 fp8",
+        "antidiag max a=0.9 s=16 r=7.5 fp8 grp",
+    ]
+    assert rows["antidiag max a=0.9 s=16 r=7.5 fp8 grp"].group_estimate
+    assert not rows["antidiag max a=0.9 s=16 r=7.5 fp8"].group_estimate

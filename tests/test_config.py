@@ -42,6 +42,7 @@ from flexsample import SampleConfig
         ("split_tail", "yes", "use True or False"),
         ("estimate_fp8", 1, "use True or False"),
         ("estimate_fp8", None, "use True or False"),
+        ("group_estimate", 1, "use True or False"),
         ("graph_max_len", -1, "integer >= 0"),
         ("graph_max_len", 4096.0, "integer >= 0"),
         ("graph_max_len", None, "integer >= 0"),

@@ -266,6 +266,18 @@ def _cp_cases(rank, world):
         q[:, 0, first:last] *= 2**-12
     config = SampleConfig(alpha=0.8, min_seq_len=0, q_block=32, kv_block=32, estimate_fp8=True)
     _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
+    # 3e. group_estimate, 6 query / 2 KV heads: a chunk's strided rows read the query head of
+    # their global row (q_block / stride = 2 strided rows a block, not a multiple of the group
+    # of 3, so a rank's local row numbers would pick other heads); with fp8, each group under
+    # its heads' smallest whole-sequence scale: the first group's rows on rank 1 are 2^-12 of
+    # the rest, so rank-local scales would round them otherwise.
+    q, k, v = _inputs(1000, heads=6, kv_heads=2, seed=5)
+    for first, last in cp.shard_layout(1000, 1, world, 32).chunks:
+        q[:, :3, first:last] *= 2**-12
+    config = dataclasses.replace(config, group_estimate=True)
+    _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
+    config = dataclasses.replace(config, estimate_fp8=False)
+    _check_against_single_process(rank, world, q, k, v, config, atol=2e-6, rtol=1e-5)
 
     # 4. shorter than min_seq_len: dense, like sample_attention; the dense baseline too.
     q, k, v = _inputs(300)

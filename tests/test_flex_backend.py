@@ -590,3 +590,64 @@ def test_run_compiled_flex_reports_natural_log_lse(backend):
     torch.testing.assert_close(
         out.float(), torch.softmax(logits, -1) @ v.float(), atol=2e-2, rtol=2e-2
     )
+
+
+def test_a_call_without_a_mask_gets_the_dense_block_mask_built_eagerly(monkeypatch):
+    """flex builds its one-block mask with vmap, which dynamo failed to trace with a symbolic
+    batch (the dense tail's key parts on FLASH, dynamic=True): run_compiled_flex hands the
+    compiled function that mask, made once per device outside it."""
+    seen = []
+    monkeypatch.setattr(fb, "_compiled_flex", lambda backend: lambda q, k, v, **kw: seen.append(kw))
+    q = torch.zeros(2, 2, 8, 4)
+    fb.run_compiled_flex(q, q, q, scale=0.5)
+    mask = seen[0]["block_mask"]
+    assert mask is fb.dense_block_mask(q.device) and seen[0]["scale"] == 0.5
+    assert mask.BLOCK_SIZE == (1 << 30, 1 << 30) and mask.kv_num_blocks.tolist() == [[[1]]]
+    own = torch.zeros(1, 1, 1, dtype=torch.int32)
+    given = BlockMask.from_kv_blocks(own + 1, own[..., None], BLOCK_SIZE=128)
+    fb.run_compiled_flex(q, q, q, block_mask=given)
+    assert seen[1]["block_mask"] is given
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["TRITON", "FLASH"])
+def test_unmasked_calls_with_a_batch_run_at_every_length(backend):
+    """The dense tail's rectangle: no block_mask, a batch of key parts, two lengths, with the
+    LSE: dense attention on either backend."""
+    if backend == "FLASH":
+        _needs_flash()
+    elif not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    for batch, seq_len in ((3, 1024), (5, 2048 + 128)):
+        gen = torch.Generator(device="cuda").manual_seed(seq_len)
+        q, k, v = (
+            torch.randn(batch, 6, seq_len, 128, generator=gen, device="cuda").bfloat16()
+            for _ in range(3)
+        )
+        out, aux = fb.run_compiled_flex(
+            q, k, v, kernel_options={"BACKEND": backend}, return_aux=AuxRequest(lse=True)
+        )
+        logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(128)
+        torch.testing.assert_close(aux.lse.float(), logits.logsumexp(-1), atol=2e-2, rtol=1e-2)
+        assert_output_close(
+            out, q, k, v, torch.ones(seq_len, seq_len, dtype=torch.bool, device="cuda")
+        )
+
+
+def test_the_dense_mask_is_not_kept_from_inside_a_capture(monkeypatch):
+    """Asked for first inside a CUDA-graph capture, the mask is built for that capture only (its
+    tensors belong to the graph's pool); outside, one per device is kept."""
+    built = []
+    monkeypatch.setattr(
+        fb, "_build_dense_block_mask", lambda device: built.append(device) or object()
+    )
+    fb._kept_dense_block_mask.cache_clear()
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert fb.dense_block_mask(cuda) is not fb.dense_block_mask(cuda)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert fb.dense_block_mask(cuda) is fb.dense_block_mask(cuda)
+    assert len(built) == 3
+    fb._kept_dense_block_mask.cache_clear()

@@ -28,9 +28,9 @@ from tolerance import (
 CONFIG = SampleConfig(estimator="antidiagonal", stride=4, q_block=16, kv_block=16, alpha=0.9)
 
 
-def _rounded(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the estimate reads it, in float64."""
-    scales = fp8.head_scales(x)
+def _rounded(x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x rounded as the estimate reads it (under `scales`, default its heads'), in float64."""
+    scales = fp8.head_scales(x) if scales is None else scales
     return fp8.dequantize(fp8.quantize(x, scales), scales, torch.float64)
 
 
@@ -221,3 +221,27 @@ def test_gpu_estimate_with_fp8_matches_the_rounded_pytorch_path(cell_score, dim)
     bound = FP8_TENSOR_CORE_REL_RMS if fp8.tensor_cores(x.q.device) else ANTIDIAG_KERNEL_REL_RMS
     for name, g, w in zip(got._fields, got, want, strict=True):
         assert rel_rms(g, w) <= bound, name
+
+
+@pytest.mark.parametrize("cell_score", ["max", "mean"])
+def test_group_estimate_rounds_each_group_under_its_coarsest_scale(cell_score):
+    """`group_estimate` with fp8 (PyTorch path): every query head of a group is rounded under
+    the group's smallest scale (its largest |q|), the one scale that holds every row its
+    strided rows read, = the reference on q and k so rounded. Heads 10x apart within a group:
+    the largest head's values would saturate at 448 under a finer scale."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 200, 16, generator=gen) * torch.tensor([0.1, 1, 10] * 2).view(1, 6, 1, 1)
+    k = torch.randn(2, 2, 200, 16, generator=gen)
+    config = dataclasses.replace(
+        CONFIG,
+        cell_score=cell_score,
+        estimate_fp8=True,
+        group_estimate=True,
+        score_backend="torch",
+    )
+    got = antidiagonal_scores(q, k, config, 0.25)
+    group_scales = fp8.head_scales(q).unflatten(1, (2, 3)).amin(-1).repeat_interleave(3, 1)
+    want = reference_antidiagonal_scores(_rounded(q, group_scales), _rounded(k), config, 0.25)
+    assert got.mass.shape == (2, 2, 13, 13)
+    for name, g, w in zip(got._fields, got, want, strict=True):
+        assert rel_rms(g, w) <= ANTIDIAG_REL_RMS[cell_score][torch.float32], name

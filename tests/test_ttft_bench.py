@@ -1,10 +1,12 @@
 """The TTFT benchmark's CPU smoke mode: a tiny model through the modes, rows and profile."""
 
+import dataclasses
 import json
 
 import torch
 
 from bench import ttft
+from flexsample import SampleConfig
 
 MODES = ["eager", "inductor", "no-attention", "flexsample ~10%", "door ~10%"]
 
@@ -51,3 +53,11 @@ def test_no_attention_model_runs_copy_v():
     fn, config = ttft.build("no-attention", models, "aot_eager")
     assert config is None and models.model.config._attn_implementation == ttft.COPY_V
     assert ttft.build("eager", models)[0].config._attn_implementation == "sdpa"
+
+
+def test_mode_configs():
+    base = SampleConfig()
+    assert ttft.config_of("door default", base) == base
+    assert ttft.config_of("door group", base) == dataclasses.replace(base, group_estimate=True)
+    assert ttft.config_of("door default unreplayed", base).graph_max_len == 0
+    assert ttft.config_of("door ~5% layers", base).alpha == 1.0
