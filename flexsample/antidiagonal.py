@@ -332,13 +332,8 @@ def selected_lists(
     group = 1 if heads is None else heads // est.shape[1]
     if group == 1:
         return keep, lists
-    return _repeat_heads(keep, group), tuple(_repeat_heads(x, group) for x in lists)
-
-
-def _repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
-    """`[B, H, ...]` -> `[B, H * group, ...]`, each head repeated `group` times in a row; a
-    copy with static shapes (the build is captured in a CUDA graph, `graphs.py`)."""
-    return x.unsqueeze(2).expand(x.shape[0], x.shape[1], group, *x.shape[2:]).flatten(1, 2)
+    # An int repeat is expand + copy (no host sync: the build is captured in a CUDA graph).
+    return keep.repeat_interleave(group, 1), tuple(x.repeat_interleave(group, 1) for x in lists)
 
 
 def _causal_and_forced(
