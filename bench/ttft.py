@@ -18,7 +18,7 @@ One row per (length, mode). Modes (`--modes`, default all but `flexsample`):
   model switched to `attn_implementation="flexsample"`, then `torch.compile(model,
   dynamic=True)` (inductor): the path that passes no S×S mask. `door group`: the default
   with `group_estimate=True`.
-- `door ~10% layers` / `door ~5% layers`: the same door, compiled by region
+- `door ~10% layers` / `door ~5% layers` / `door default layers`: the same door, compiled by region
   (`integrations.transformers.compile_model`: each decoder layer `layer.compile(dynamic=True)`,
   one compiled graph shared by the 32 identical layers), the rest eager: the compile-time
   option.
@@ -103,6 +103,7 @@ MODES = [
     "door ~10% layers",
     "door ~5% layers",
     "door default",
+    "door default layers",
     "door group",
     "door ~10% unreplayed",
     "door default unreplayed",

@@ -101,3 +101,37 @@ def test_key_masks_are_read_for_what_the_op_decides_on():
     for bad, shape in ((keep.float(), (2, 9)), (keep, (2, 10)), (keep, (1, 9))):
         with pytest.raises(ValueError, match=r"padding mask or integer \[B, Skv\] sequence ids"):
             causal_mask.checked_key_mask(bad, *shape)
+
+
+def test_a_mask_read_once_is_not_read_again_until_it_changes(monkeypatch):
+    """`read_once` reads a key mask in one sync and the op's check reuses that reading for the
+    copy it returned, so a prefill syncs once, not once per layer; a write to the copy, or
+    another tensor with the same values, is read again (planted: dropping the version from
+    the identity makes the in-place case return the stale reading)."""
+    reads = []
+    real_read = causal_mask.read_key_mask
+    monkeypatch.setattr(causal_mask, "read_key_mask", lambda m: reads.append(1) or real_read(m))
+    ids = torch.full((2, 9), 3)
+    once = causal_mask.read_once(ids)
+    assert torch.equal(once, ids) and once.data_ptr() != ids.data_ptr() and len(reads) == 1
+    for _ in range(3):  # three layers
+        assert causal_mask.checked_key_mask(once, 2, 9) == (False, True)
+    assert len(reads) == 1
+    assert causal_mask.checked_key_mask(ids, 2, 9) == (False, True) and len(reads) == 2
+    once[0, 5:] = 4  # in place: the version moves
+    assert causal_mask.checked_key_mask(once, 2, 9) == (False, False) and len(reads) == 3
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, 0] = False
+    once = causal_mask.read_once(padding)
+    assert causal_mask.checked_key_mask(once, 2, 9) == (False, False)  # read, not None
+    assert causal_mask.checked_key_mask(padding, 2, 9) is None and len(reads) == 4
+    negative = causal_mask.read_once(torch.full((1, 9), -1))
+    with pytest.raises(ValueError, match="negative sequence ids"):
+        causal_mask.checked_key_mask(negative, 1, 9)
+    kept = [causal_mask.read_once(ids) for _ in range(2 * causal_mask.MAX_REMEMBERED)]
+    assert len(causal_mask._remembered) == causal_mask.MAX_REMEMBERED
+    assert causal_mask.remembered_reading(kept[-1]) == (False, True)
+    assert causal_mask.remembered_reading(kept[0]) is None  # dropped: read again if used
+    del kept
+    causal_mask.read_once(ids)
+    assert len(causal_mask._remembered) == 1  # the dead ones' entries went

@@ -107,14 +107,21 @@ def test_training_step_gradients_equal_eager(door):
 @pytest.mark.parametrize(
     "given", ["no-attention-mask", "all-ones-mask", "no-cache"], ids=lambda given: given
 )
-def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
+def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given, monkeypatch):
     """Traced transformers builds a [B, 1, S, S] causal mask for SDPA's mask function; the
     door's mask function hands the op None, the [B, S] padding mask or (no cache and no
     padding mask: transformers' packing check, which cannot run traced) [B, S] sequence ids
-    instead, which the op reads in O(B·S) and runs sparse. S = 512: S×S elements is 4x the
-    largest activation (MLP, 128 x 512), so no tensor of the compiled graph may have that
-    many."""
+    instead, which is read in O(B·S) once per forward (not once per layer: each read is a
+    host sync) and runs sparse. S = 512: S×S elements is 4x the largest activation (MLP,
+    128 x 512), so no tensor of the compiled graph may have that many."""
     from torch._inductor.compile_fx import compile_fx
+
+    from flexsample import causal_mask, paths
+
+    reads = []
+    real_read = causal_mask.read_key_mask
+    for module in (causal_mask, paths):
+        monkeypatch.setattr(module, "read_key_mask", lambda m: reads.append(1) or real_read(m))
 
     register(SPARSE)
     length = 512
@@ -140,10 +147,13 @@ def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given):
         op_masks.clear()
         flexsample.path_counts.clear()
         compiled = torch.compile(model, fullgraph=True, backend=inductor_recording_sizes)
+        compiled(ids, **kwargs)
+        reads.clear()
         got = compiled(ids, **kwargs).logits
-    assert op_masks == [None if given == "no-attention-mask" else (1, length)] * 2
+    assert op_masks == [None if given == "no-attention-mask" else (1, length)] * 4
+    assert len(reads) == (0 if given == "no-attention-mask" else 1)  # 2 layers, one read
     assert sizes and max(sizes.values()) < length * length, max(sizes.items(), key=lambda x: x[1])
-    assert flexsample.path_counts == {"sparse": 2}
+    assert flexsample.path_counts == {"sparse": 4}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -31,7 +31,7 @@ from transformers.masking_utils import (
 )
 from transformers.utils.import_utils import is_tracing
 
-from flexsample.causal_mask import causal_padding_mask, checked_key_mask
+from flexsample.causal_mask import causal_padding_mask, checked_key_mask, read_once
 from flexsample.config import SampleConfig, as_config
 from flexsample.op import config_to_str
 from flexsample.paths import dense_reason
@@ -262,7 +262,8 @@ def flexsample_mask(
     be read), for the op to check in O(B·S). A traced prefill with position ids and neither
     padding nor cache gets transformers' causal ∧ packed-sequence function (its packing check
     cannot run under tracing): that one becomes `[B, S]` integer sequence ids
-    (`packed_sequence_ids`), which the op checks in O(B·S) too. Every other mask (sliding
+    (`packed_sequence_ids`), which the op checks in O(B·S) too. Both `[B, S]` masks are read
+    here once (`read_once`: one host sync per forward, not one per layer). Every other mask (sliding
     window, chunked, bidirectional, packed sequences in eager code, materialised on request,
     cached chunks and decode steps) is `sdpa_mask`'s: None or bool `[B, 1, Sq, Skv]`.
     """
@@ -279,7 +280,9 @@ def flexsample_mask(
     if is_tracing() and _may_be_packed_causal(
         mask_function, attention_mask, local_size, q_offset, kv_offset, q_length, kv_length, kwargs
     ):
-        return packed_sequence_ids(mask_function, batch_size, q_length, kwargs.get("device"))
+        return read_once(
+            packed_sequence_ids(mask_function, batch_size, q_length, kwargs.get("device"))
+        )
     if not plain_prefill:
         return sdpa_mask(
             batch_size=batch_size,
@@ -296,7 +299,7 @@ def flexsample_mask(
     # Eager code can read the mask: no padding gives None, so fallbacks keep SDPA's is_causal.
     if attention_mask is None or (not is_tracing(attention_mask) and bool(attention_mask.all())):
         return None
-    return attention_mask
+    return read_once(attention_mask)  # one read for every layer, not one per layer
 
 
 def register(config: SampleConfig | None = None, name: str = NAME) -> str:
