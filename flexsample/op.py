@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from flexsample import graphs
 from flexsample.attention import sparse_attention, validate_inputs
-from flexsample.causal_mask import causal_padding_mask, checked_key_mask
+from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig
+from flexsample.key_mask import checked_key_mask
 from flexsample.paths import dense_reason, record
 
 #: Paths each call site of the op took at run time: site -> Counter("sparse" / "dense:<why>").

@@ -11,8 +11,9 @@ import logging
 
 import torch
 
-from flexsample.causal_mask import KeyMaskReading, is_causal_mask, read_key_mask
+from flexsample.causal_mask import is_causal_mask
 from flexsample.config import SampleConfig
+from flexsample.key_mask import KeyMaskReading, read_key_mask
 
 logger = logging.getLogger("flexsample")
 

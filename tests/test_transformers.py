@@ -116,12 +116,11 @@ def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given, monkeypat
     128 x 512), so no tensor of the compiled graph may have that many."""
     from torch._inductor.compile_fx import compile_fx
 
-    from flexsample import causal_mask, paths
+    from flexsample import key_mask
 
     reads = []
-    real_read = causal_mask.read_key_mask
-    for module in (causal_mask, paths):
-        monkeypatch.setattr(module, "read_key_mask", lambda m: reads.append(1) or real_read(m))
+    real_read = key_mask._read_values
+    monkeypatch.setattr(key_mask, "_read_values", lambda m: reads.append(1) or real_read(m))
 
     register(SPARSE)
     length = 512
@@ -155,6 +154,31 @@ def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given, monkeypat
     assert sizes and max(sizes.values()) < length * length, max(sizes.items(), key=lambda x: x[1])
     assert flexsample.path_counts == {"sparse": 4}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_each_forward_decides_on_its_own_mask_under_inference_mode():
+    """The door reads a forward's [B, S] mask once (`key_mask.read_once`) and every layer reuses
+    that reading: a compiled model called with masks of one shape in turn (all kept, padded,
+    all kept, padded) runs each on its own mask and equals SDPA, eager and compiled, under
+    inference_mode (tensors without version counters)."""
+    register(SampleConfig(min_seq_len=0, q_block=32, kv_block=32, alpha=1.0))
+    model = tiny_model("llama", attn_implementation="flexsample")
+    dense = tiny_model("llama", attn_implementation="sdpa")
+    ids = _ids(batch=2, length=320)
+    padded = torch.ones_like(ids)
+    padded[1, :40] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True)
+    with torch.inference_mode():
+        for mask, path in [(torch.ones_like(ids), "sparse"), (padded, "dense:padding")] * 2:
+            expected = dense(ids, attention_mask=mask, use_cache=False).logits
+            for run in (model, compiled):
+                flexsample.path_counts.clear()
+                got = run(ids, attention_mask=mask, use_cache=False).logits
+                assert flexsample.path_counts == {path: 2}
+                torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(got[1, 40:], expected[1, 40:], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -31,8 +31,9 @@ from transformers.masking_utils import (
 )
 from transformers.utils.import_utils import is_tracing
 
-from flexsample.causal_mask import causal_padding_mask, checked_key_mask, read_once
+from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
+from flexsample.key_mask import checked_key_mask, read_once
 from flexsample.op import config_to_str
 from flexsample.paths import dense_reason
 
