@@ -245,3 +245,24 @@ def test_compile_model_is_the_door_compiled_by_layer():
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="no transformers decoder layers"):
         compile_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_captures_a_padded_short_prompt():
+    """inductor's CUDA graphs (`mode="reduce-overhead"`) capture a prompt shorter than
+    `min_seq_len` with a padding mask: the door's copy of the mask is not read (a host sync,
+    which a capture refuses) since the op runs dense before looking at it."""
+    register(SampleConfig())
+    model = tiny_model("llama", attn_implementation="flexsample").cuda()
+    dense = tiny_model("llama", attn_implementation="sdpa").cuda()
+    ids = _ids(batch=2, length=128).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        expected = dense(ids, attention_mask=mask, use_cache=False).logits
+        for _ in range(4):  # warm-up, capture, replays
+            got = compiled(ids, attention_mask=mask, use_cache=False).logits.clone()
+            torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got[1, 20:], expected[1, 20:], atol=1e-4, rtol=1e-4)
