@@ -7,7 +7,7 @@ launches the next kernels. Inductor recomputes a traced mask into a new buffer f
 layer's call, so one sync per layer is what a compiled prefill paid: on the real-text model
 at 16K (H100) the GPU was busy for 7.8 ms of a 10.7 ms prefill
 (bench/results/ttft_realtext_h100_16k_profile.md) and the door no faster than dense
-(0.97x, ttft_realtext_h100_16k.md; 1.20x after this change, ttft_realtext_read_once.md).
+(0.97x, ttft_realtext_h100_16k.md; 1.18x after this change, ttft_realtext_key_mask.md).
 The door therefore hands every layer one copy (`read_once`, an opaque op, so a compiled
 graph computes it once and passes that buffer on), and the first call that needs the
 copy's values reads them and keeps the reading for the calls after it. Nothing is read
