@@ -263,10 +263,11 @@ def flexsample_mask(
     be read), for the op to check in O(B·S). A traced prefill with position ids and neither
     padding nor cache gets transformers' causal ∧ packed-sequence function (its packing check
     cannot run under tracing): that one becomes `[B, S]` integer sequence ids
-    (`packed_sequence_ids`), which the op checks in O(B·S) too. Both `[B, S]` masks are read
-    here once (`read_once`: one host sync per forward, not one per layer). Every other mask (sliding
-    window, chunked, bidirectional, packed sequences in eager code, materialised on request,
-    cached chunks and decode steps) is `sdpa_mask`'s: None or bool `[B, 1, Sq, Skv]`.
+    (`packed_sequence_ids`), which the op checks in O(B·S) too. Either `[B, S]` mask reaches the
+    layers as one `read_once` copy, read by the first call that needs its values: one host
+    sync per forward, not one per layer. Every other mask (sliding window, chunked,
+    bidirectional, packed sequences in eager code, materialised on request, cached chunks and
+    decode steps) is `sdpa_mask`'s: None or bool `[B, 1, Sq, Skv]`.
     """
     plain_prefill = (
         mask_function is causal_mask_function
