@@ -157,11 +157,16 @@ def test_compiled_prefill_hands_the_op_nothing_s_by_s(op_masks, given, monkeypat
 
 
 @pytest.mark.slow
-def test_each_forward_decides_on_its_own_mask_under_inference_mode():
+def test_each_forward_decides_on_its_own_mask_under_inference_mode(monkeypatch):
     """The door reads a forward's [B, S] mask once (`key_mask.read_once`) and every layer reuses
     that reading: a compiled model called with masks of one shape in turn (all kept, padded,
     all kept, padded) runs each on its own mask and equals SDPA, eager and compiled, under
-    inference_mode (tensors without version counters)."""
+    inference_mode (tensors without version counters), with one read per forward."""
+    from flexsample import key_mask
+
+    reads = []
+    real_read = key_mask._read_values
+    monkeypatch.setattr(key_mask, "_read_values", lambda m: reads.append(1) or real_read(m))
     register(SampleConfig(min_seq_len=0, q_block=32, kv_block=32, alpha=1.0))
     model = tiny_model("llama", attn_implementation="flexsample")
     dense = tiny_model("llama", attn_implementation="sdpa")
@@ -175,8 +180,9 @@ def test_each_forward_decides_on_its_own_mask_under_inference_mode():
             expected = dense(ids, attention_mask=mask, use_cache=False).logits
             for run in (model, compiled):
                 flexsample.path_counts.clear()
+                reads.clear()
                 got = run(ids, attention_mask=mask, use_cache=False).logits
-                assert flexsample.path_counts == {path: 2}
+                assert flexsample.path_counts == {path: 2} and len(reads) == 1
                 torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(got[1, 40:], expected[1, 40:], atol=1e-4, rtol=1e-4)
 

@@ -33,7 +33,7 @@ from transformers.utils.import_utils import is_tracing
 
 from flexsample.causal_mask import causal_padding_mask
 from flexsample.config import SampleConfig, as_config
-from flexsample.key_mask import checked_key_mask, read_once
+from flexsample.key_mask import checked_key_mask, read_key_mask, read_once
 from flexsample.op import config_to_str
 from flexsample.paths import dense_reason
 
@@ -298,10 +298,14 @@ def flexsample_mask(
             allow_is_causal_skip=allow_is_causal_skip,
             **kwargs,
         )
-    # Eager code can read the mask: no padding gives None, so fallbacks keep SDPA's is_causal.
-    if attention_mask is None or (not is_tracing(attention_mask) and bool(attention_mask.all())):
+    if attention_mask is None:
         return None
-    return read_once(attention_mask)  # one read for every layer, not one per layer
+    mask = read_once(attention_mask)  # one read for every layer, not one per layer
+    # Eager code can read the mask (through the copy, whose reading the layers then reuse): no
+    # padding gives None, so fallbacks keep SDPA's is_causal.
+    if not is_tracing(attention_mask) and read_key_mask(mask).keeps_every_key:
+        return None
+    return mask
 
 
 def register(config: SampleConfig | None = None, name: str = NAME) -> str:
